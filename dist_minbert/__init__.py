@@ -1,0 +1,1 @@
+"""dist_minbert: distributed multitask BERT fine-tuning."""

@@ -1,0 +1,132 @@
+"""The run's typed config tree, composed from the component configs that sit beside their owners.
+
+`load_config(path, overrides)` reads YAML (with an optional `extends:` parent), applies dotted
+`key=value` overrides, fills builtin task defaults and validates everything before anything starts.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dist_minbert.config_loader import ConfigError, apply_override, build, parse_override, to_plain
+from dist_minbert.data.config import DataConfig, ScheduleConfig
+from dist_minbert.engine.config import DeepSpeedConfig, OptimConfig, TrainConfig, WorkersConfig
+from dist_minbert.model.config import ModelConfig
+from dist_minbert.observe.config import ObserveConfig
+from dist_minbert.surgery.config import SurgeryConfig
+from dist_minbert.tasks.config import TaskConfig
+from dist_minbert.tasks.registry import BUILTIN_TASKS
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "config_from_dict", "save_config"]
+
+
+def _builtin_tasks() -> dict[str, TaskConfig]:
+    return {name: TaskConfig(**raw) for name, raw in BUILTIN_TASKS.items()}
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: dict[str, TaskConfig] = field(default_factory=_builtin_tasks)  # builtin names get their defaults merged
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    surgery: SurgeryConfig = field(default_factory=SurgeryConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    observe: ObserveConfig = field(default_factory=ObserveConfig)
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("tasks: at least one task is required")
+        n = self.workers.num_workers
+        for name, task in self.tasks.items():
+            if task.batch_size % n:
+                raise ValueError(
+                    f"tasks.{name}.batch_size: {task.batch_size} is global per step and must divide by "
+                    f"workers.num_workers={n} (each rank takes batch_size / num_workers)")
+        if self.train.eval_batch_size % n:
+            raise ValueError(f"train.eval_batch_size: {self.train.eval_batch_size} must divide by workers.num_workers={n}")
+        if self.surgery.mode != "sum" and self.deepspeed.zero_stage > 2:
+            raise ValueError(f"surgery.mode: {self.surgery.mode!r} works with deepspeed.zero_stage 0, 1 or 2, "
+                             f"not {self.deepspeed.zero_stage} (ZeRO-3 partitions the parameters the surgery reads)")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    if path in seen:
+        raise ConfigError(f"{path}: `extends` cycle through {', '.join(map(str, seen))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    return _deep_merge(_read_yaml((path.parent / parent).resolve(), (*seen, path)), raw)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _with_task_defaults(raw: dict) -> dict:
+    tasks = raw.get("tasks")
+    if tasks is None:
+        return raw
+    if not isinstance(tasks, dict):
+        raise ConfigError(f"tasks: expected a mapping of task name → settings, got {tasks!r}")
+    filled = {}
+    for name, settings in tasks.items():
+        settings = settings or {}
+        if not isinstance(settings, dict):
+            raise ConfigError(f"tasks.{name}: expected a mapping of settings, got {settings!r}")
+        filled[name] = _deep_merge(BUILTIN_TASKS.get(name, {}), settings)
+    return {**raw, "tasks": filled}
+
+
+def _is_local(path: str) -> bool:
+    return bool(path) and "://" not in path
+
+
+def _resolve_paths(cfg: RunConfig, base: Path) -> None:
+    """Local relative paths → absolute, so Ray workers (whose cwd differs) read the same files."""
+    if _is_local(cfg.data.root):
+        cfg.data.root = str((base / cfg.data.root).resolve())
+    if _is_local(cfg.train.output_dir):
+        cfg.train.output_dir = str((base / cfg.train.output_dir).resolve())
+    if _is_local(cfg.model.checkpoint) and cfg.model.checkpoint != "embedded":
+        cfg.model.checkpoint = str((base / cfg.model.checkpoint).resolve())
+
+
+def config_from_dict(raw: dict, base_dir: str | os.PathLike | None = None) -> RunConfig:
+    """Typed config from plain data (a YAML tree, or the dict Ray hands a worker)."""
+    cfg = build(RunConfig, _with_task_defaults(raw))
+    if base_dir is not None:
+        _resolve_paths(cfg, Path(base_dir))
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
+    raw = _read_yaml(Path(path).resolve()) if path else {}
+    for text in overrides:
+        apply_override(raw, *parse_override(text))
+    return config_from_dict(raw, base_dir=Path.cwd())
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_plain(cfg), sort_keys=False))

@@ -1,0 +1,82 @@
+"""Configs the engine owns: workers, DeepSpeed, optimiser and the training run."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class WorkersConfig:
+    num_workers: int = 2  # Ray Train workers, one DeepSpeed rank each
+    use_gpu: bool = False  # one GPU per worker, NCCL; CPU workers use gloo
+    cpus_per_worker: float = 1.0  # Ray CPU resources reserved per worker
+    threads_per_worker: int = 0  # torch intra-op threads per worker; 0 = cores // num_workers (no oversubscription)
+    address: str = ""  # Ray address; "" = RAY_ADDRESS if set, else a local instance
+    max_failures: int = 0  # Ray Train FailureConfig: restarts from the latest checkpoint
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers: {self.num_workers} must be ≥ 1")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"cpus_per_worker: {self.cpus_per_worker} must be > 0")
+        if self.threads_per_worker < 0:
+            raise ValueError(f"threads_per_worker: {self.threads_per_worker} must be ≥ 0 (0 = automatic)")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures: {self.max_failures}; allowed: -1 (unlimited) or ≥ 0")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0  # ZeRO stage 0, 1 or 2
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_clipping: float = 1.0  # always passed explicitly (DeepSpeed 0.19.8 silently defaults to 1.0)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"zero_stage: {self.zero_stage}; allowed: 0, 1, 2 (ZeRO-3 partitions the parameters that evaluation and gradient surgery read)")
+        if self.gradient_clipping < 0:
+            raise ValueError(f"gradient_clipping: {self.gradient_clipping} must be ≥ 0 (0 disables clipping)")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps: {self.gradient_accumulation_steps} must be ≥ 1")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"  # sgd exists for equivalence tests (Adam hides a wrong gradient scale)
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    betas: list[float] | None = None  # AdamW betas; None = (0.9, 0.999)
+    warmup_fraction: float = 0.1  # of all optimizer steps; then linear decay to 0
+    schedule: Literal["linear", "constant"] = "linear"
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr: {self.lr} must be > 0")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction: {self.warmup_fraction}; allowed: 0 ≤ x < 1")
+        if self.betas is not None and (len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"betas: {self.betas}; allowed: two numbers in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"  # run folder: logs, checkpoints, predictions, summary.json
+    epochs: int = 1
+    seed: int = 0
+    max_steps: int = 0  # stop after this many optimizer steps in total; 0 = no limit
+    eval_every_epoch: bool = True  # dev evaluation after each epoch (best checkpoint by the overall score)
+    eval_batch_size: int = 128  # global rows per evaluation batch
+    eval_max_rows: int = 0  # cap dev rows per task (quick runs); 0 = all
+    predict_splits: list[str] | None = None  # splits to write predictions for at the end; None = dev and test
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs: {self.epochs} must be ≥ 1")
+        if self.max_steps < 0 or self.eval_max_rows < 0:
+            raise ValueError("max_steps / eval_max_rows must be ≥ 0 (0 = no limit)")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size: {self.eval_batch_size} must be ≥ 1")
+        bad = [s for s in self.predict_splits or [] if s not in ("dev", "test")]
+        if bad:
+            raise ValueError(f"predict_splits: {bad[0]!r}; allowed: 'dev', 'test'")

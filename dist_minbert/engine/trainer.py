@@ -1,0 +1,298 @@
+"""The train loop: the one place where model, tasks, data, schedule, engine and observability meet.
+
+It knows nothing of Ray: it runs in any process group (Ray Train workers, torchrun, a test).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dist_minbert.config import RunConfig, save_config
+from dist_minbert.data.collate import collate
+from dist_minbert.data.schedule import sampling_probabilities, steps_in_epoch, tasks_for_step
+from dist_minbert.data.stream import TaskStream
+from dist_minbert.engine.deepspeed_engine import build_engine
+from dist_minbert.engine.inference import predict_rows
+from dist_minbert.engine.task_inputs import load_task_splits
+from dist_minbert.model.checkpoint import load_encoder
+from dist_minbert.model.tokenizer import WordPieceTokenizer
+from dist_minbert.observe.metrics_logger import MetricsLogger
+from dist_minbert.observe.progress import progress_bar
+from dist_minbert.observe.timers import StepTimers
+from dist_minbert.tasks.config import encoding_for
+from dist_minbert.tasks.metrics import compute_metrics, overall_score
+from dist_minbert.tasks.multitask import MultitaskModel
+from dist_minbert.tasks.predictions import write_predictions
+from dist_minbert.tasks.readers import write_rejects
+
+log = logging.getLogger(__name__)
+
+Metrics = dict[str, dict[str, float]]  # task → metric → value
+BEST_TAG = "best"
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @classmethod
+    def current(cls, use_gpu: bool) -> DistContext:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+        return cls(rank, world, device)
+
+
+def task_seed(seed: int, task: str) -> int:
+    """Each task's sample order gets its own seed, stable under renaming of other tasks."""
+    return (seed * 1_000_003 + zlib.crc32(task.encode())) % 2**31
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ctx: DistContext, report: Callable[[dict], None] | None = None):
+        self.cfg, self.ctx, self.report = cfg, ctx, report
+        self.is_main = ctx.rank == 0
+        self.out = Path(cfg.train.output_dir)
+        self.tokenizer = WordPieceTokenizer.from_checkpoint(cfg.model.checkpoint)
+        self.inputs = load_task_splits(cfg.tasks, cfg.data, self.tokenizer, cfg.model.max_length)
+        self.streams = {
+            name: TaskStream(splits.sources["train"], task_seed(cfg.train.seed, name), ctx.world_size, ctx.rank,
+                             cfg.data.shuffle_block_rows)
+            for name, splits in self.inputs.items()}
+        self.sizes = {name: len(s.source) for name, s in self.streams.items()}
+        self.batch_sizes = {name: task.batch_size for name, task in cfg.tasks.items()}
+        self.epoch_steps = [self._steps_in(e) for e in range(cfg.train.epochs)]
+        self.total_steps = min(sum(self.epoch_steps), cfg.train.max_steps or math.inf)
+
+        torch.manual_seed(cfg.train.seed)  # heads start identical on every rank
+        model = MultitaskModel(load_encoder(cfg.model.checkpoint, dropout=cfg.model.dropout), cfg.tasks,
+                               cfg.model.pooling)
+        self.engine = build_engine(model, cfg.deepspeed, cfg.optim, self.total_steps, cfg.workers.use_gpu,
+                                   ctx.world_size)
+        self.model: MultitaskModel = self.engine.module
+        torch.manual_seed(cfg.train.seed + 1 + ctx.rank)  # distinct dropout masks per rank
+        self.global_step = 0
+        self.timers = StepTimers()
+        self.num_truncated: dict[str, int] = defaultdict(int)
+        self.logger = MetricsLogger(str(self.out / "tensorboard") if self.is_main and cfg.observe.tensorboard else None)
+        if self.is_main:
+            self._write_run_files()
+
+    # -- setup --------------------------------------------------------------------------------
+    def _steps_in(self, epoch: int) -> int:
+        return steps_in_epoch(self.cfg.schedule, epoch, self.sizes, self.batch_sizes, self.cfg.train.epochs)
+
+    def _write_run_files(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.out / "config.yaml")
+        rejects = [r for splits in self.inputs.values() for r in splits.rejects]
+        write_rejects(rejects, str(self.out / "rejects.tsv"))
+        if rejects:
+            log.warning("%d malformed rows rejected; see %s", len(rejects), self.out / "rejects.tsv")
+
+    # -- training -----------------------------------------------------------------------------
+    def _batch(self, task: str, global_batch_size: int) -> dict[str, torch.Tensor]:
+        rows = self.streams[task].next_batch(global_batch_size)
+        batch = self._collate(task, rows)
+        return {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
+
+    def _collate(self, task: str, rows: dict[str, list]) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        collated = collate(rows, encoding_for(self.cfg.tasks[task]), self.cfg.model.max_length,
+                           tok.cls_id, tok.sep_id, tok.pad_id)
+        self.num_truncated[task] += collated.num_truncated
+        return collated.tensors
+
+    def train_step(self, epoch: int, step: int) -> dict[str, float]:
+        """One optimizer step of the schedule; returns this rank's mean loss per task."""
+        plan = tasks_for_step(self.cfg.schedule, self.cfg.train.seed, epoch, step, self.sizes, self.batch_sizes,
+                              self.cfg.train.epochs)
+        accumulation = self.cfg.deepspeed.gradient_accumulation_steps
+        losses: dict[str, float] = defaultdict(float)
+        for _ in range(accumulation):
+            with self.timers.phase("data"):
+                batches = {task: self._batch(task, size // accumulation) for task, size in plan.items()}
+            with self.timers.phase("forward_backward"):
+                total = 0.0
+                for task, batch in batches.items():
+                    loss = self.model.loss(task, self.engine(task, batch), batch["labels"])
+                    total = total + self.cfg.tasks[task].weight * loss
+                    losses[task] += loss.item() / accumulation
+                self.engine.backward(total)
+            with self.timers.phase("optimizer"):
+                self.engine.step()
+        self.global_step += 1
+        return dict(losses)
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        run_start = time.perf_counter()
+        initial_dev = self.evaluate("dev")
+        best_dev, best_score, dev = None, -math.inf, initial_dev
+        self._log_dev(initial_dev)
+        samples, train_s = 0, 0.0
+        bar = progress_bar(self.total_steps, "train", enabled=self.is_main and cfg.observe.progress)
+        window = _LossWindow()
+        for epoch in range(cfg.train.epochs):
+            for step in range(self.epoch_steps[epoch]):
+                if self.global_step >= self.total_steps:
+                    break
+                start = time.perf_counter()
+                losses = self.train_step(epoch, step)
+                elapsed = time.perf_counter() - start
+                step_samples = sum(self.batch_sizes[t] for t in losses)
+                samples, train_s = samples + step_samples, train_s + elapsed
+                window.add(losses, step_samples, elapsed)
+                bar.update(1)
+                if self.global_step % cfg.observe.log_every == 0 or self.global_step == self.total_steps:
+                    self._log_train(epoch, window.drain(self.ctx))
+            if cfg.train.eval_every_epoch or epoch == cfg.train.epochs - 1 or self.global_step >= self.total_steps:
+                dev = self.evaluate("dev")
+                self._log_dev(dev)
+                score = overall_score(dev) if dev else -math.inf
+                if best_dev is None or score > best_score:
+                    best_dev, best_score = dev, score
+                    self.save_checkpoint(BEST_TAG)
+                if self.report:
+                    self.report({"epoch": epoch, "step": self.global_step, "score": score, "dev": dev})
+            if self.global_step >= self.total_steps:
+                break
+        bar.close()
+        self.engine.load_checkpoint(str(self.checkpoint_dir), tag=BEST_TAG, load_module_only=True)
+        prediction_paths = self.write_predictions()
+        summary = {
+            "num_workers": self.ctx.world_size,
+            "steps": self.global_step,
+            "samples": samples,
+            "samples_per_s": samples / train_s if train_s else 0.0,
+            "train_s": train_s,
+            "wall_s": time.perf_counter() - run_start,
+            "initial_dev": initial_dev,
+            "dev": dev,
+            "best_dev": best_dev,
+            "score": overall_score(dev) if dev else None,
+            "best_score": best_score if dev else None,
+            "truncated_rows": dict(self.num_truncated),
+            "paths": {"output_dir": str(self.out), "tensorboard": str(self.out / "tensorboard"),
+                      "checkpoint": str(self.checkpoint_dir / BEST_TAG), "predictions": prediction_paths,
+                      "config": str(self.out / "config.yaml"), "rejects": str(self.out / "rejects.tsv")},
+        }
+        if self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.logger.close()
+        return summary
+
+    # -- evaluation and predictions -----------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save_checkpoint(self, tag: str) -> None:
+        state = {"global_step": self.global_step, "streams": {n: s.state_dict() for n, s in self.streams.items()}}
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=state)
+        if self.is_main:
+            save_config(self.cfg, self.checkpoint_dir / tag / "run_config.yaml")
+
+    def _predict_split(self, split: str) -> dict[str, tuple[np.ndarray, dict[str, list]]]:
+        """task → (predictions of all rows in file order, the rows' ids/labels) on rank 0; {} elsewhere.
+
+        Each rank predicts a contiguous slice; rank 0 gathers the slices (one gather per task).
+        """
+        results = {}
+        for name, splits in self.inputs.items():
+            source = splits.sources.get(split)
+            if source is None:
+                continue
+            n = len(source) if split != "dev" or not self.cfg.train.eval_max_rows else min(
+                len(source), self.cfg.train.eval_max_rows)
+            local = predict_rows(self.engine, self.model, name, source, n, self.ctx, self._collate_eval(name),
+                                 self.cfg.train.eval_batch_size // self.ctx.world_size)
+            gathered = [None] * self.ctx.world_size if self.is_main else None
+            dist.gather_object(local, gathered, dst=0)
+            if self.is_main:
+                meta = source.take(np.arange(n))
+                results[name] = (np.concatenate(gathered), meta)
+        return results
+
+    def _collate_eval(self, task: str):
+        tok, encoding, max_length = self.tokenizer, encoding_for(self.cfg.tasks[task]), self.cfg.model.max_length
+        return lambda rows: collate(rows, encoding, max_length, tok.cls_id, tok.sep_id, tok.pad_id).tensors
+
+    def evaluate(self, split: str) -> Metrics:
+        """Metrics of every labelled task on `split`, identical on all ranks."""
+        results = self._predict_split(split)
+        metrics = [{name: compute_metrics(self.cfg.tasks[name], preds, np.asarray(meta["label"]))
+                    for name, (preds, meta) in results.items()} if self.is_main else None]
+        dist.broadcast_object_list(metrics, src=0)
+        return metrics[0]
+
+    def write_predictions(self) -> dict[str, str]:
+        paths = {}
+        for split in self.cfg.train.predict_splits or ["dev", "test"]:
+            for name, (preds, meta) in self._predict_split(split).items():
+                path = self.out / "predictions" / f"{name}-{split}-output.csv"
+                if self.is_main:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    write_predictions(str(path), self.cfg.tasks[name], meta["id"], preds)
+                paths[f"{name}-{split}"] = str(path)
+        return paths
+
+    # -- logging ------------------------------------------------------------------------------
+    def _log_train(self, epoch: int, window: dict[str, float]) -> None:
+        probabilities = sampling_probabilities(self.cfg.schedule, epoch, self.sizes, self.cfg.train.epochs)
+        values = {**window, **self.timers.drain(), "lr": self.engine.get_lr()[0], "epoch": epoch,
+                  **{f"sampling/{t}_p": p for t, p in probabilities.items()},
+                  **{f"samples_seen/{t}": s.epoch * s.num_rows + s.consumed for t, s in self.streams.items()},
+                  **{f"truncated_rows/{t}": n for t, n in self.num_truncated.items()}}
+        self.logger.scalars(self.global_step, values)
+        if self.is_main:
+            losses = " ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in window.items() if k.startswith("loss/"))
+            log.info("step %d/%d epoch %d %s %.1f samples/s", self.global_step, self.total_steps, epoch, losses,
+                     window.get("throughput/samples_per_s", 0.0))
+
+    def _log_dev(self, dev: Metrics) -> None:
+        self.logger.nested(self.global_step, "dev", dev)
+        if dev:
+            self.logger.scalars(self.global_step, {"dev/score": overall_score(dev)})
+        if self.is_main:
+            log.info("dev at step %d: %s", self.global_step, json.dumps(dev))
+
+
+class _LossWindow:
+    """Per-task losses and throughput between two log writes, averaged over ranks when drained."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.samples, self.seconds = 0, 0.0
+
+    def add(self, losses: dict[str, float], samples: int, seconds: float) -> None:
+        for task, loss in losses.items():
+            self.sums[task] += loss
+            self.counts[task] += 1
+        self.samples += samples
+        self.seconds += seconds
+
+    def drain(self, ctx: DistContext) -> dict[str, float]:
+        tasks = sorted(self.sums)
+        # One small all-reduce per log write: rank-mean of each task's loss (ranks see disjoint samples).
+        values = torch.tensor([self.sums[t] / self.counts[t] for t in tasks], dtype=torch.float64)
+        if dist.is_initialized() and ctx.world_size > 1:
+            dist.all_reduce(values)
+            values /= ctx.world_size
+        out = {f"loss/{t}": float(v) for t, v in zip(tasks, values)}
+        out["throughput/samples_per_s"] = self.samples / self.seconds if self.seconds else 0.0
+        self.__init__()
+        return out

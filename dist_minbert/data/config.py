@@ -1,0 +1,77 @@
+"""Configs of the data service and of the task schedule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+ScheduleName = Literal["round_robin", "proportional_batch", "annealed", "temperature", "staggered"]
+
+
+@dataclass
+class DataConfig:
+    # Folder (or fsspec URL) that relative task file paths are resolved against.
+    root: str = "../shared/data/cs224n"
+    # What a malformed input row does: "error" stops with its file and line, "reject" logs it to a rejects file.
+    on_bad_row: Literal["error", "reject"] = "reject"
+    # Batches prepared ahead of the training thread, per task stream (0 = read on the training thread).
+    prefetch: int = 2
+    # Rows per shuffle block: an epoch's order permutes blocks, then rows inside each block.
+    shuffle_block_rows: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.on_bad_row not in ("error", "reject"):
+            raise ValueError(f"on_bad_row: {self.on_bad_row!r} is not a policy; allowed: 'error', 'reject'")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch: {self.prefetch} is negative; allowed: an integer >= 0")
+        if self.shuffle_block_rows < 1:
+            raise ValueError(f"shuffle_block_rows: {self.shuffle_block_rows} is too small; allowed: an integer >= 1")
+
+
+@dataclass
+class ScheduleConfig:
+    # Strategy that decides which tasks each optimizer step draws (see data/schedule.py).
+    name: ScheduleName = "round_robin"
+    # Steps per epoch; None = the largest task's full epoch (round_robin) or steps_per_epoch_fraction.
+    steps_per_epoch: int | None = None
+    # Steps per epoch as a fraction of the largest task's epoch at its batch size (the study: 500 steps = 0.11 of QQP).
+    steps_per_epoch_fraction: float | None = None
+    # Distinct tasks drawn per step by annealed and temperature sampling (PCGrad needs >= 2).
+    tasks_per_step: int = 1
+    # Decay of the annealing exponent: alpha = 1 - anneal_decay * e / (E - 1) for 0-based epoch e of E.
+    anneal_decay: float = 0.8
+    # Temperature T of temperature sampling: p_i proportional to N_i ** (1 / T).
+    temperature: float = 2.0
+    # Tasks that staggered sampling passes over alone before switching to capped round-robin.
+    stagger_tasks: list[str] = field(default_factory=lambda: ["qqp"])
+    # Epochs of the staggered phase (each a full pass over the stagger tasks).
+    stagger_epochs: int = 2
+    # proportional_batch rounds each batch size up to a multiple of this, so worker counts dividing it work.
+    batch_multiple: int = 8
+
+    def __post_init__(self) -> None:
+        names = ("round_robin", "proportional_batch", "annealed", "temperature", "staggered")
+        if self.name not in names:
+            raise ValueError(f"name: {self.name!r} is not a schedule; allowed: {', '.join(names)}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch_fraction is not None:
+            raise ValueError(
+                "steps_per_epoch: set together with steps_per_epoch_fraction; allowed: at most one of the two"
+            )
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch: {self.steps_per_epoch} is too small; allowed: an integer >= 1 or null")
+        if self.steps_per_epoch_fraction is not None and not self.steps_per_epoch_fraction > 0:
+            raise ValueError(
+                f"steps_per_epoch_fraction: {self.steps_per_epoch_fraction} is not positive; allowed: a float > 0 or null"
+            )
+        if self.tasks_per_step < 1:
+            raise ValueError(f"tasks_per_step: {self.tasks_per_step} is too small; allowed: an integer >= 1")
+        if not 0 <= self.anneal_decay <= 1:
+            raise ValueError(f"anneal_decay: {self.anneal_decay} is out of range; allowed: 0 <= anneal_decay <= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature: {self.temperature} is not positive; allowed: a float > 0")
+        if self.name == "staggered" and not self.stagger_tasks:
+            raise ValueError("stagger_tasks: empty with the staggered schedule; allowed: one or more task names")
+        if self.stagger_epochs < 0:
+            raise ValueError(f"stagger_epochs: {self.stagger_epochs} is negative; allowed: an integer >= 0")
+        if self.batch_multiple < 1:
+            raise ValueError(f"batch_multiple: {self.batch_multiple} is too small; allowed: an integer >= 1")

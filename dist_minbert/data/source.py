@@ -1,0 +1,70 @@
+"""Row sources the streams read from, and the tokenized table they hold.
+
+A tokenized task table has columns id: string, a: list<int32> (token ids without
+specials), b: list<int32> (pair tasks), label: float64 (labelled splits), line: int64
+(line in the source file, for error messages and rejects).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from dist_minbert.model.tokenizer import WordPieceTokenizer
+    from dist_minbert.tasks.readers import TaskRows
+
+TOKENS = pa.list_(pa.int32())
+
+
+class RowSource(Protocol):
+    """Random access to the rows of one tokenized task split."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> dict[str, list]: ...
+
+
+class TableSource:
+    """A tokenized task table held in memory."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> dict[str, list]:
+        """The given rows, in the given order, as column name -> list."""
+        return self.table.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pydict()
+
+
+def task_schema(pair: bool, labelled: bool) -> pa.Schema:
+    fields = [pa.field("id", pa.string()), pa.field("a", TOKENS)]
+    if pair:
+        fields.append(pa.field("b", TOKENS))
+    if labelled:
+        fields.append(pa.field("label", pa.float64()))
+    fields.append(pa.field("line", pa.int64()))
+    return pa.schema(fields)
+
+
+def tokenize_rows(rows: TaskRows, tokenizer: WordPieceTokenizer, max_tokens: int | None = None) -> pa.Table:
+    """Tokenize a task's rows into the table schema above.
+
+    `max_tokens` cuts each side to that many tokens at rest; pass max_length - 1 (one more
+    than any encoding keeps) so collate() still sees, and counts, every truncated row.
+    """
+    columns: dict[str, pa.Array] = {"id": pa.array(rows.ids, pa.string())}
+    sides = {"a": rows.a} if rows.b is None else {"a": rows.a, "b": rows.b}
+    for name, texts in sides.items():
+        ids = tokenizer.encode(texts)
+        if max_tokens is not None:
+            ids = [seq[:max_tokens] for seq in ids]
+        columns[name] = pa.array(ids, TOKENS)
+    if rows.labels is not None:
+        columns["label"] = pa.array(rows.labels, pa.float64())
+    columns["line"] = pa.array(rows.lines, pa.int64())
+    return pa.table(columns, schema=task_schema(rows.b is not None, rows.labels is not None))

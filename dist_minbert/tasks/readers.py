@@ -96,20 +96,10 @@ def read_task_file(path: str, task: TaskConfig, labelled: bool,
         header = _read_header(path, records, lines)
         required = [task.id_column, *task.text_columns, *([task.label_column] if labelled else [])]
         positions = _column_positions(path, header, required)
-        while True:
+        for line, raw, fields, csv_error in _records(records, lines):
             try:
-                fields = next(records)
-                problem = None
-            except StopIteration:
-                break
-            except csv.Error as exc:
-                fields, problem = [], _RowProblem("bad_quoting", str(exc))
-            line, raw = lines.take_record()
-            if not fields and problem is None:
-                continue
-            try:
-                if problem is not None:
-                    raise problem
+                if csv_error is not None:
+                    raise _RowProblem("bad_quoting", csv_error)
                 row_id, texts, label = _parse_row(raw, fields, len(header), positions, task, labelled)
             except _RowProblem as bad:
                 if on_bad_row == "error":
@@ -125,6 +115,21 @@ def read_task_file(path: str, task: TaskConfig, labelled: bool,
                 rows.labels.append(label)
             rows.lines.append(line)
     return rows
+
+
+def _records(records: Iterator[list[str]], lines: _PhysicalLines
+             ) -> Iterator[tuple[int, bytes, list[str], str | None]]:
+    """(start line, raw bytes, fields, csv error or None) per non-blank record."""
+    while True:
+        try:
+            fields, csv_error = next(records), None
+        except StopIteration:
+            return
+        except csv.Error as exc:  # e.g. an unclosed quote running past csv's field size limit
+            fields, csv_error = [], str(exc)
+        line, raw = lines.take_record()
+        if fields or csv_error is not None:
+            yield line, raw, fields, csv_error
 
 
 def _read_header(path: str, records: Iterator[list[str]], lines: _PhysicalLines) -> list[str]:

@@ -1,0 +1,167 @@
+"""MinBERT encoder: parity with transformers.BertModel, padding invariance, dropout override, configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from dist_minbert.model.bert import BertConfig, BertEncoder
+from dist_minbert.model.checkpoint import load_encoder, resolve_checkpoint
+from dist_minbert.model.config import ModelConfig
+
+torch.set_num_threads(1)
+
+PAIRS = [
+    ("The movie is a charming, if slight, romantic comedy.", "A man is playing a guitar."),
+    ("It's a bad sign when you're rooting for the film to end.", "How do I learn Python quickly?"),
+    ("Unflinchingly bleak and desperate", "A woman is slicing an onion into thin rings on a wooden board."),
+]
+
+
+@pytest.fixture(scope="module")
+def encoder() -> BertEncoder:
+    return load_encoder("embedded").eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(resolve_checkpoint("embedded"))
+
+
+@pytest.fixture(scope="module")
+def batch(hf_tokenizer) -> dict[str, torch.Tensor]:
+    """Cross-encoded pairs of different lengths: padding in every row but the longest, token types 0 and 1."""
+    a, b = zip(*PAIRS)
+    enc = hf_tokenizer(list(a), list(b), padding=True, return_tensors="pt")
+    assert (enc["attention_mask"] == 0).any() and (enc["token_type_ids"] == 1).any()
+    return dict(enc)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_matches_transformers_bert_model(encoder, batch, attn_implementation):
+    reference = transformers.BertModel.from_pretrained(
+        resolve_checkpoint("embedded"), attn_implementation=attn_implementation
+    ).eval()
+    with torch.no_grad():
+        expected = reference(**batch)
+        ours = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    real = batch["attention_mask"].bool()
+    # Padded positions are compared too: HF lets them attend to the real keys exactly as we do.
+    assert (ours.last_hidden_state - expected.last_hidden_state).abs().max() < 1e-5
+    assert (ours.last_hidden_state[real] - expected.last_hidden_state[real]).abs().max() < 1e-5
+    assert (ours.pooler_output - expected.pooler_output).abs().max() < 1e-5
+
+
+def test_padding_does_not_change_real_token_outputs(encoder, batch):
+    extra = 17
+    padded = {
+        "input_ids": torch.nn.functional.pad(batch["input_ids"], (0, extra), value=encoder.config.pad_token_id),
+        "attention_mask": torch.nn.functional.pad(batch["attention_mask"], (0, extra), value=0),
+        "token_type_ids": torch.nn.functional.pad(batch["token_type_ids"], (0, extra), value=0),
+    }
+    with torch.no_grad():
+        short = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        long = encoder(padded["input_ids"], padded["attention_mask"], padded["token_type_ids"])
+        for row in range(len(PAIRS)):  # each row alone, without any padding at all
+            n = int(batch["attention_mask"][row].sum())
+            alone = encoder(
+                batch["input_ids"][row : row + 1, :n],
+                batch["attention_mask"][row : row + 1, :n],
+                batch["token_type_ids"][row : row + 1, :n],
+            )
+            assert (alone.last_hidden_state[0] - long.last_hidden_state[row, :n]).abs().max() < 1e-5
+            assert (alone.pooler_output[0] - long.pooler_output[row]).abs().max() < 1e-5
+    real = batch["attention_mask"].bool()
+    width = batch["input_ids"].size(1)
+    assert (short.last_hidden_state[real] - long.last_hidden_state[:, :width][real]).abs().max() < 1e-5
+    assert (short.pooler_output - long.pooler_output).abs().max() < 1e-5
+
+
+def test_missing_token_types_mean_segment_a(encoder, batch):
+    with torch.no_grad():
+        implicit = encoder(batch["input_ids"], batch["attention_mask"])
+        explicit = encoder(batch["input_ids"], batch["attention_mask"], torch.zeros_like(batch["input_ids"]))
+    assert torch.equal(implicit.last_hidden_state, explicit.last_hidden_state)
+
+
+def test_model_config_dropout_overrides_checkpoint_dropout(encoder, batch):
+    assert encoder.config.hidden_dropout_prob == 0.1  # the checkpoint's own value
+    config = ModelConfig(dropout=0.3)
+    dropped = load_encoder(config.checkpoint, dropout=config.dropout)
+    assert dropped.config.hidden_dropout_prob == dropped.config.attention_probs_dropout_prob == 0.3
+    assert {m.p for m in dropped.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+    assert {layer.attn.dropout_p for layer in dropped.layers} == {0.3}
+
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    with torch.no_grad():
+        reference = encoder(*inputs).last_hidden_state
+        torch.manual_seed(0)
+        noisy = dropped.train()(*inputs).last_hidden_state
+        quiet = load_encoder("embedded", dropout=0.0).train()(*inputs).last_hidden_state
+        evaluated = dropped.eval()(*inputs).last_hidden_state
+    assert (noisy - reference).abs().max() > 1e-2  # dropout is active in training...
+    assert (quiet - reference).abs().max() < 1e-6  # ...and p=0 really turns every dropout off
+    assert (evaluated - reference).abs().max() < 1e-6  # ...and none is applied in eval mode
+
+
+def test_attention_dropout_alone_changes_training_outputs(batch):
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.5,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    encoder = BertEncoder(config)
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    with torch.no_grad():
+        assert not torch.allclose(encoder.train()(*inputs).last_hidden_state, encoder.eval()(*inputs).last_hidden_state)
+
+
+def test_random_init_has_zero_pad_embedding_and_bert_scale():
+    torch.manual_seed(0)
+    encoder = BertEncoder(BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=1, num_attention_heads=4))
+    assert torch.count_nonzero(encoder.embeddings.word.weight[0]) == 0
+    assert abs(encoder.embeddings.word.weight[1:].std().item() - 0.02) < 2e-3
+
+
+def test_too_long_input_names_the_limit(encoder):
+    ids = torch.ones(1, encoder.config.max_position_embeddings + 1, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_position_embeddings 512"):
+        encoder(ids, torch.ones_like(ids))
+
+
+def test_bert_config_round_trips_through_hf_dict():
+    config = BertConfig(vocab_size=100, hidden_size=48, num_attention_heads=6, hidden_dropout_prob=0.2)
+    hf = config.to_hf_dict()
+    assert hf["model_type"] == "bert" and hf["hidden_size"] == 48
+    assert BertConfig.from_hf_dict({**hf, "initializer_range": 0.02, "use_cache": True}) == config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"hidden_act": "relu"}, "hidden_act"),
+        ({"model_type": "roberta"}, "model_type"),
+        ({"position_embedding_type": "relative_key"}, "position_embedding_type"),
+        ({"num_attention_heads": 5}, "num_attention_heads"),
+        ({"hidden_dropout_prob": 1.5}, "hidden_dropout_prob"),
+    ],
+)
+def test_bert_config_rejects_unsupported_architectures(overrides, field):
+    with pytest.raises(ValueError, match=f"^{field}: .*allowed: "):
+        BertConfig.from_hf_dict({**BertConfig().to_hf_dict(), **overrides})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"checkpoint": ""}, "checkpoint"),
+        ({"dropout": -0.1}, "dropout"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"max_length": 2}, "max_length"),
+        ({"pooling": "max"}, "pooling"),
+    ],
+)
+def test_model_config_rejects_bad_values(kwargs, field):
+    with pytest.raises(ValueError, match=f"^{field}: .*allowed: "):
+        ModelConfig(**kwargs)

@@ -22,6 +22,7 @@ from dist_minbert.config import RunConfig, save_config
 from dist_minbert.data.collate import collate
 from dist_minbert.data.schedule import sampling_probabilities, steps_in_epoch, tasks_for_step
 from dist_minbert.data.stream import TaskStream
+from dist_minbert.engine.checkpoint_io import RUN_CONFIG
 from dist_minbert.engine.deepspeed_engine import build_engine
 from dist_minbert.engine.inference import predict_rows
 from dist_minbert.engine.task_inputs import load_task_splits
@@ -203,7 +204,7 @@ class Trainer:
         state = {"global_step": self.global_step, "streams": {n: s.state_dict() for n, s in self.streams.items()}}
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=state)
         if self.is_main:
-            save_config(self.cfg, self.checkpoint_dir / tag / "run_config.yaml")
+            save_config(self.cfg, self.checkpoint_dir / tag / RUN_CONFIG)
 
     def _predict_split(self, split: str) -> dict[str, tuple[np.ndarray, dict[str, list]]]:
         """task → (predictions of all rows in file order, the rows' ids/labels) on rank 0; {} elsewhere.

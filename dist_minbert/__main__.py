@@ -1,0 +1,5 @@
+import sys
+
+from dist_minbert.cli import main
+
+sys.exit(main())

@@ -1,0 +1,126 @@
+"""`dist-minbert train|evaluate|predict|export` — the user's entry points."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from dist_minbert.config_loader import ConfigError
+
+
+def _task_files(pairs: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for pair in pairs:
+        task, sep, path = pair.partition("=")
+        if not sep or not task or not path:
+            raise ConfigError(f"{pair!r}: expected TASK=FILE, e.g. sst=data/ids-sst-dev.csv")
+        out.append((task, path))
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dist_minbert.config import load_config
+    from launch.ray_run import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_training(cfg)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    print("\n== dist-minbert run summary ==")
+    print(f"workers {summary['num_workers']}, steps {summary['steps']}, "
+          f"{summary['samples_per_s']:.1f} samples/s, wall {summary['wall_s']:.0f}s")
+    for label in ("initial_dev", "best_dev"):
+        metrics = ", ".join(f"{t} {m} {v:.3f}" for t, ms in (summary.get(label) or {}).items()
+                            for m, v in ms.items() if m != "spearman")
+        print(f"{label:12s} {metrics}")
+    if summary.get("best_score") is not None:
+        print(f"best score   {summary['best_score']:.4f}")
+    paths = summary["paths"]
+    print(f"tensorboard  {paths['tensorboard']}\ncheckpoint   {paths['checkpoint']}")
+    for name, path in paths["predictions"].items():
+        print(f"predictions  {path}")
+    print(f"summary      {Path(paths['output_dir']) / 'summary.json'}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dist_minbert.engine.checkpoint_io import load_trained_model
+    from dist_minbert.engine.inference import evaluate_file
+    from dist_minbert.engine.task_inputs import split_path
+
+    cfg, model = load_trained_model(args.checkpoint)
+    files = _task_files(args.files) or [(t, split_path(cfg.data.root, s.dev)) for t, s in cfg.tasks.items() if s.dev]
+    results = {task: evaluate_file(model, cfg, task, path, labelled=True)[2] for task, path in files}
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from dist_minbert.engine.checkpoint_io import load_trained_model
+    from dist_minbert.engine.inference import evaluate_file
+    from dist_minbert.tasks.predictions import write_predictions
+
+    cfg, model = load_trained_model(args.checkpoint)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for task, path in _task_files(args.files):
+        rows, preds, _ = evaluate_file(model, cfg, task, path, labelled=False)
+        target = out / f"{task}-{Path(path).stem}-output.csv"
+        write_predictions(str(target), cfg.tasks[task], rows.ids, preds)
+        print(f"{task}: {len(preds)} predictions → {target}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dist_minbert.engine.checkpoint_io import load_trained_model
+    from dist_minbert.model.export import export_hf
+
+    cfg, model = load_trained_model(args.checkpoint)
+    export_hf(model.encoder, cfg.model.checkpoint, args.out)
+    print(f"Hugging Face folder written to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-minbert", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="multitask fine-tuning on Ray Train with DeepSpeed workers")
+    train.add_argument("--config", required=True, help="YAML file in configs/")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. workers.num_workers=1")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="dev metrics of a checkpoint on CS224N-format files")
+    evaluate.add_argument("checkpoint", help="run folder, its checkpoints/ folder, or a tag folder")
+    evaluate.add_argument("files", nargs="*", help="TASK=FILE (labelled); default: the run's dev files")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="write CS224N prediction files for a checkpoint")
+    predict.add_argument("checkpoint")
+    predict.add_argument("files", nargs="+", help="TASK=FILE (labels not needed)")
+    predict.add_argument("--out", required=True, help="folder for the <task>-<file>-output.csv files")
+    predict.set_defaults(func=cmd_predict)
+
+    export = sub.add_parser("export", help="write a Hugging Face BERT folder (AutoModel.from_pretrained loads it)")
+    export.add_argument("checkpoint")
+    export.add_argument("out")
+    export.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"dist-minbert {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Reading a run's DeepSpeed checkpoint back into a plain model, whatever ZeRO stage wrote it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from dist_minbert.config import RunConfig, config_from_dict
+from dist_minbert.model.checkpoint import load_encoder
+from dist_minbert.tasks.multitask import MultitaskModel
+
+RUN_CONFIG = "run_config.yaml"
+
+
+def _checkpoint_folder(path: str | Path) -> Path:
+    """A tag folder (…/checkpoints/best), or a run folder / checkpoints folder whose best tag is meant."""
+    path = Path(path)
+    for candidate in (path, path / "best", path / "checkpoints" / "best"):
+        if (candidate / RUN_CONFIG).exists():
+            return candidate
+    raise FileNotFoundError(f"{path}: no checkpoint here (expected {RUN_CONFIG} in it, in best/ or in checkpoints/best/)")
+
+
+def load_module_state(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights: ZeRO ≥ 1 shards are consolidated by DeepSpeed's own zero_to_fp32."""
+    if any(tag_dir.glob("zero_pp_rank_*_optim_states.pt")) or any(tag_dir.glob("bf16_zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+
+
+def load_trained_model(path: str | Path) -> tuple[RunConfig, MultitaskModel]:
+    """The run's config and its multitask model with the checkpoint's weights, in eval mode."""
+    tag_dir = _checkpoint_folder(path)
+    cfg = config_from_dict(yaml.safe_load((tag_dir / RUN_CONFIG).read_text()))
+    model = MultitaskModel(load_encoder(cfg.model.checkpoint, dropout=0.0), cfg.tasks, cfg.model.pooling)
+    model.load_state_dict(load_module_state(tag_dir))
+    return cfg, model.eval()

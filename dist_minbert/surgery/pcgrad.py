@@ -64,10 +64,19 @@ def pcgrad_weights_from_gram(gram: Tensor, generator: torch.Generator) -> Tensor
     return weights
 
 
+def combine(weights: Tensor, grads: Tensor) -> Tensor:
+    """wᵀ grads, accumulated in at least float32 (weights cast to bf16 would lose digits), row by row so
+    no float32 copy of a low-precision T×P matrix is made."""
+    update = torch.zeros(grads.shape[1], dtype=torch.promote_types(grads.dtype, torch.float32), device=grads.device)
+    for weight, row in zip(weights.tolist(), grads):
+        if weight:
+            update.add_(row, alpha=weight)
+    return update.to(grads.dtype)
+
+
 def pcgrad(grads: Tensor, generator: torch.Generator) -> Tensor:
     """PCGrad update (P,) of the task gradients grads (T,P), through their float64 Gram matrix."""
-    weights = pcgrad_weights_from_gram(gram_matrix(grads), generator)
-    return weights.to(grads.dtype) @ grads
+    return combine(pcgrad_weights_from_gram(gram_matrix(grads), generator), grads)
 
 
 def sum_weights(gram: Tensor, generator: torch.Generator) -> Tensor:
@@ -99,7 +108,8 @@ def _torchjd_weighting(class_name: str, install_hint: str) -> Weighting:
 WEIGHTINGS: dict[str, Weighting] = {
     "sum": sum_weights,
     "pcgrad": pcgrad_weights_from_gram,
-    "upgrad": _torchjd_weighting("UPGradWeighting", 'torchjd>=0.18 with its QP solver: pip install "torchjd[quadprog_projector]"'),
+    "upgrad": _torchjd_weighting("UPGradWeighting",
+                                 'torchjd>=0.18 with its QP solver: pip install "torchjd[quadprog_projector]"'),
     "mgda": _torchjd_weighting("MGDAWeighting", "torchjd>=0.18: pip install torchjd"),
 }
 

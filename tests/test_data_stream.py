@@ -112,3 +112,36 @@ def test_eval_shards_cover_every_row_once_in_order(num_rows, world_size):
     shards = [eval_shard(num_rows, world_size, r) for r in range(world_size)]
     assert [i for s in shards for i in s] == list(range(num_rows))
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def _varied_table(num_rows: int) -> pa.Table:
+    rng = np.random.default_rng(0)
+    return pa.table(
+        {
+            "id": [f"r{i}" for i in range(num_rows)],
+            "a": [[7] * int(n) for n in rng.integers(1, 60, num_rows)],
+            "line": list(range(num_rows)),
+        },
+        schema=task_schema(pair=False, labelled=False),
+    )
+
+
+def test_length_grouping_cuts_padding_and_keeps_the_stream_properties():
+    table, batch = _varied_table(512), 16
+
+    def padded_tokens(group_rows, world_size=1):
+        streams = [TaskStream(TableSource(table), 3, world_size, r, block_rows=128, length_group_rows=group_rows)
+                   for r in range(world_size)]
+        ids, padded = [], 0
+        for _ in range(512 // batch):
+            per_rank = [s.next_batch(batch) for s in streams]
+            ids += [per_rank[r]["id"][k] for k in range(batch // world_size) for r in range(world_size)]
+            lengths = [len(a) for rows in per_rank for a in rows["a"]]
+            padded += max(lengths) * batch
+        return ids, padded
+
+    plain_ids, plain = padded_tokens(0)
+    grouped_ids, grouped = padded_tokens(64)
+    assert sorted(grouped_ids) == sorted(plain_ids) and grouped_ids != plain_ids
+    assert grouped < 0.75 * plain
+    assert padded_tokens(64, world_size=4)[0] == grouped_ids  # still world-size free

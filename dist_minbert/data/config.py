@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,8 +17,20 @@ class DataConfig:
     on_bad_row: Literal["error", "reject"] = "reject"
     # Batches prepared ahead of the training thread, per task stream (0 = read on the training thread).
     prefetch: int = 2
-    # Rows per shuffle block: an epoch's order permutes blocks, then rows inside each block.
+    # Rows per shuffle block: an epoch's order permutes blocks, then rows inside each block (= shard record batch).
     shuffle_block_rows: int = 4096
+    # Sort windows of this many consecutive positions by length so batches pad less (0 = off).
+    length_group_rows: int = 0
+    # Folder (fsspec URL) of prepared shards, {shards}/{task}/{split}; "" = tokenize the task files in memory.
+    shards: str = ""
+    # Rows per shard file written by prepare (a multiple of shuffle_block_rows).
+    shard_rows: int = 65536
+    # prepare fails when more than this fraction of an input's rows is rejected.
+    max_reject_fraction: float = 0.01
+    # Corpus lines longer than this many bytes are rejected (the csv module's field limit for task files).
+    max_line_bytes: int = 131072
+    # Tokenizer processes used by prepare (0 = one per CPU core; 1 = in the calling process).
+    prepare_workers: int = 0
 
     def __post_init__(self) -> None:
         if self.on_bad_row not in ("error", "reject"):
@@ -26,6 +39,28 @@ class DataConfig:
             raise ValueError(f"prefetch: {self.prefetch} is negative; allowed: an integer >= 0")
         if self.shuffle_block_rows < 1:
             raise ValueError(f"shuffle_block_rows: {self.shuffle_block_rows} is too small; allowed: an integer >= 1")
+        if not 0 <= self.length_group_rows <= self.shuffle_block_rows:
+            raise ValueError(
+                f"length_group_rows: {self.length_group_rows} is out of range; "
+                f"allowed: 0 (off) up to shuffle_block_rows ({self.shuffle_block_rows})"
+            )
+        if self.shard_rows < 1 or self.shard_rows % self.shuffle_block_rows:
+            raise ValueError(
+                f"shard_rows: {self.shard_rows} is not a multiple of shuffle_block_rows ({self.shuffle_block_rows}); "
+                f"allowed: a positive multiple of it"
+            )
+        if not 0 <= self.max_reject_fraction <= 1:
+            raise ValueError(f"max_reject_fraction: {self.max_reject_fraction} is out of range; allowed: 0 <= x <= 1")
+        if self.max_line_bytes < 1:
+            raise ValueError(f"max_line_bytes: {self.max_line_bytes} is too small; allowed: an integer >= 1")
+        if self.prepare_workers < 0:
+            raise ValueError(f"prepare_workers: {self.prepare_workers} is negative; allowed: 0 (one per core) or more")
+
+    def resolve(self, path: str) -> str:
+        """A data file's location: URLs and absolute paths as given, relative paths under `root`."""
+        if "://" in path or path.startswith("/"):
+            return path
+        return posixpath.join(self.root, path)
 
 
 @dataclass

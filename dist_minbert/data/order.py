@@ -7,11 +7,16 @@ per block plus the few inner permutations in use — never a corpus-sized index 
 consecutive positions stay inside one block, so a shard reader touches one region at a
 time. The order never depends on the world size: ranks only choose which positions to
 read (stream.py).
+
+Optional length grouping sorts each window of `group_rows` consecutive positions of a
+block by token count (ascending or descending, a seeded coin per window), so batches
+drawn from a window pad to similar lengths; it depends on the data, never on the ranks.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable
 
 import numpy as np
 
@@ -23,12 +28,24 @@ _CACHED_BLOCKS = 4
 class EpochOrder:
     """Maps positions 0 .. num_rows - 1 of an epoch to row indices (a permutation of the rows)."""
 
-    def __init__(self, seed: int, epoch: int, num_rows: int, block_rows: int = 4096):
+    def __init__(
+        self,
+        seed: int,
+        epoch: int,
+        num_rows: int,
+        block_rows: int = 4096,
+        block_lengths: Callable[[int], np.ndarray] | None = None,
+        group_rows: int = 0,
+    ):
+        """`block_lengths(b)` gives the token counts of block b's rows; needed when group_rows > 0."""
+        if group_rows and block_lengths is None:
+            raise ValueError("group_rows: length grouping needs the rows' lengths; allowed: 0 without block_lengths")
         if num_rows < 1:
             raise ValueError(f"num_rows: {num_rows}; allowed: >= 1 (an epoch of an empty table has no order)")
         if block_rows < 1:
             raise ValueError(f"block_rows: {block_rows}; allowed: >= 1")
         self.seed, self.epoch, self.num_rows, self.block_rows = seed, epoch, num_rows, block_rows
+        self._block_lengths, self._group_rows = block_lengths, group_rows
         num_blocks = -(-num_rows // block_rows)
         gen = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, _BLOCK_ORDER_TAG])))
         self._block_at = gen.permutation(num_blocks)  # block visited at order slot k
@@ -56,7 +73,13 @@ class EpochOrder:
         if perm is None:
             size = min(self.block_rows, self.num_rows - block * self.block_rows)
             seq = np.random.SeedSequence([self.seed, self.epoch, _ROW_ORDER_TAG, block])
-            perm = np.random.Generator(np.random.PCG64(seq)).permutation(size)
+            gen = np.random.Generator(np.random.PCG64(seq))
+            perm = gen.permutation(size)
+            if self._group_rows:
+                window = np.arange(size) // self._group_rows
+                direction = gen.choice([-1, 1], size=int(window[-1]) + 1)
+                lengths = self._block_lengths(block)[perm]
+                perm = perm[np.lexsort((lengths * direction[window], window))]
             self._inner[block] = perm
             if len(self._inner) > _CACHED_BLOCKS:
                 self._inner.popitem(last=False)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 if TYPE_CHECKING:
     from dist_minbert.model.tokenizer import WordPieceTokenizer
@@ -22,16 +23,21 @@ TOKENS = pa.list_(pa.int32())
 class RowSource(Protocol):
     """Random access to the rows of one tokenized task split."""
 
+    block_rows: int  # rows per storage block; epoch orders permute blocks of this size
+
     def __len__(self) -> int: ...
 
     def take(self, rows: Sequence[int] | np.ndarray) -> dict[str, list]: ...
+
+    def row_lengths(self, start: int, stop: int) -> np.ndarray: ...
 
 
 class TableSource:
     """A tokenized task table held in memory."""
 
-    def __init__(self, table: pa.Table):
+    def __init__(self, table: pa.Table, block_rows: int = 4096):
         self.table = table
+        self.block_rows = block_rows
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -39,6 +45,17 @@ class TableSource:
     def take(self, rows: Sequence[int] | np.ndarray) -> dict[str, list]:
         """The given rows, in the given order, as column name -> list."""
         return self.table.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pydict()
+
+    def row_lengths(self, start: int, stop: int) -> np.ndarray:
+        """Tokens (a + b, no specials) of rows start .. stop - 1, for length grouping."""
+        return token_counts(self.table.slice(start, stop - start))
+
+
+def token_counts(rows: pa.Table | pa.RecordBatch) -> np.ndarray:
+    counts = pc.list_value_length(rows.column("a")).to_numpy()
+    if "b" in rows.column_names:
+        counts = counts + pc.list_value_length(rows.column("b")).to_numpy()
+    return counts.astype(np.int64)
 
 
 def task_schema(pair: bool, labelled: bool) -> pa.Schema:

@@ -7,6 +7,9 @@ batch B. Batches stay full across an epoch boundary: positions past the end cont
 into the next epoch's order (a different permutation), so shorter tasks cycle and no
 short or dropped batch exists. Resuming sets (epoch, c) and reads on; nothing is
 fast-forwarded and no shuffle buffer holds state.
+
+Length grouping (`length_group_rows`) changes the order (order.py), not the reading, so
+it keeps every property above.
 """
 
 from __future__ import annotations
@@ -22,12 +25,22 @@ STATE_VERSION = 1
 class TaskStream:
     """This rank's share of one task's endless, epoch-by-epoch shuffled sample sequence."""
 
-    def __init__(self, source: RowSource, seed: int, world_size: int, rank: int, block_rows: int = 4096):
+    def __init__(
+        self,
+        source: RowSource,
+        seed: int,
+        world_size: int,
+        rank: int,
+        block_rows: int | None = None,
+        length_group_rows: int = 0,
+    ):
+        """block_rows: shuffle block size, by default the source's storage block (one read per block)."""
         _check_rank(world_size, rank)
         if len(source) < 1:
             raise ValueError("source: holds no rows; allowed: a task split with at least one row")
         self.source, self.seed, self.world_size, self.rank = source, seed, world_size, rank
-        self.block_rows = block_rows
+        self.block_rows = block_rows or source.block_rows
+        self.length_group_rows = length_group_rows
         self.num_rows = len(source)
         self.epoch = 0
         self.consumed = 0  # global samples of `epoch` consumed by all ranks together
@@ -62,10 +75,15 @@ class TaskStream:
     def _order(self, epoch: int) -> EpochOrder:
         order = self._orders.get(epoch)
         if order is None:
-            order = EpochOrder(self.seed, epoch, self.num_rows, self.block_rows)
+            order = EpochOrder(self.seed, epoch, self.num_rows, self.block_rows, self._block_lengths,
+                               self.length_group_rows)
             self._orders = {e: o for e, o in self._orders.items() if e >= self.epoch}
             self._orders[epoch] = order
         return order
+
+    def _block_lengths(self, block: int) -> np.ndarray:
+        start = block * self.block_rows
+        return self.source.row_lengths(start, min(start + self.block_rows, self.num_rows))
 
     def state_dict(self) -> dict[str, int]:
         """The whole position: identical on every rank, valid for any world size."""

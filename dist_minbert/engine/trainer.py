@@ -116,6 +116,17 @@ class Trainer:
         self.num_truncated[task] += collated.num_truncated
         return collated.tensors
 
+    def positions(self):
+        """(epoch, step in epoch) of every optimizer step still to run, up to max_steps."""
+        done = 0
+        for epoch, num_steps in enumerate(self.epoch_steps):
+            for step in range(num_steps):
+                if done >= self.global_step:
+                    if done >= self.total_steps:
+                        return
+                    yield epoch, step
+                done += 1
+
     def train_step(self, epoch: int, step: int) -> dict[str, float]:
         """One optimizer step of the schedule; returns this rank's mean loss per task."""
         plan = tasks_for_step(self.cfg.schedule, self.cfg.train.seed, epoch, step, self.sizes, self.batch_sizes,

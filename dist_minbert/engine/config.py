@@ -69,12 +69,15 @@ class TrainConfig:
     eval_batch_size: int = 128  # global rows per evaluation batch
     eval_max_rows: int = 0  # cap dev rows per task (quick runs); 0 = all
     predict_splits: list[str] | None = None  # splits to write predictions for at the end; None = dev and test
+    max_nonfinite_steps: int = 3  # a NaN/inf loss or gradient skips the step on every rank; this many in a row stop the run
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ValueError(f"epochs: {self.epochs} must be ≥ 1")
         if self.max_steps < 0 or self.eval_max_rows < 0:
             raise ValueError("max_steps / eval_max_rows must be ≥ 0 (0 = no limit)")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps: {self.max_nonfinite_steps} must be ≥ 1")
         if self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size: {self.eval_batch_size} must be ≥ 1")
         bad = [s for s in self.predict_splits or [] if s not in ("dev", "test")]

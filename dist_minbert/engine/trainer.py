@@ -24,12 +24,15 @@ from dist_minbert.data.schedule import sampling_probabilities, steps_in_epoch, t
 from dist_minbert.data.stream import TaskStream
 from dist_minbert.engine.checkpoint_io import RUN_CONFIG
 from dist_minbert.engine.deepspeed_engine import build_engine
+from dist_minbert.engine.step_gradients import NonFiniteStep, SummedGradients, SurgeryGradients
 from dist_minbert.engine.inference import predict_rows
 from dist_minbert.engine.task_inputs import load_task_splits
 from dist_minbert.model.checkpoint import load_encoder
 from dist_minbert.model.tokenizer import WordPieceTokenizer
 from dist_minbert.observe.metrics_logger import MetricsLogger
 from dist_minbert.observe.progress import progress_bar
+from dist_minbert.observe.surgery_scalars import surgery_scalars
+from dist_minbert.surgery.comm import CommCounter
 from dist_minbert.observe.timers import StepTimers
 from dist_minbert.tasks.config import encoding_for
 from dist_minbert.tasks.metrics import compute_metrics, overall_score
@@ -80,9 +83,16 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # heads start identical on every rank
         model = MultitaskModel(load_encoder(cfg.model.checkpoint, dropout=cfg.model.dropout), cfg.tasks,
                                cfg.model.pooling)
+        # Surgery modes accumulate per-task gradients themselves, then hand DeepSpeed one backward per step.
+        self.accumulation = cfg.deepspeed.gradient_accumulation_steps
+        engine_accumulation = self.accumulation if cfg.surgery.mode == "sum" else 1
         self.engine = build_engine(model, cfg.deepspeed, cfg.optim, self.total_steps, cfg.workers.use_gpu,
-                                   ctx.world_size)
+                                   ctx.world_size, engine_accumulation)
         self.model: MultitaskModel = self.engine.module
+        self.comm = CommCounter(sum(p.numel() for p in self.model.shared_parameters()))
+        self.gradients = (SummedGradients(self.engine) if cfg.surgery.mode == "sum" else
+                          SurgeryGradients(self.engine, self.model, cfg.surgery, cfg.train.seed, self.comm))
+        self.num_skipped_in_a_row = 0
         torch.manual_seed(cfg.train.seed + 1 + ctx.rank)  # distinct dropout masks per rank
         self.global_step = 0
         self.timers = StepTimers()
@@ -128,25 +138,39 @@ class Trainer:
                 done += 1
 
     def train_step(self, epoch: int, step: int) -> dict[str, float]:
-        """One optimizer step of the schedule; returns this rank's mean loss per task."""
+        """One optimizer step of the schedule; returns this rank's mean loss per task ({} if skipped)."""
         plan = tasks_for_step(self.cfg.schedule, self.cfg.train.seed, epoch, step, self.sizes, self.batch_sizes,
                               self.cfg.train.epochs)
-        accumulation = self.cfg.deepspeed.gradient_accumulation_steps
-        losses: dict[str, float] = defaultdict(float)
-        for _ in range(accumulation):
-            with self.timers.phase("data"):
-                batches = {task: self._batch(task, size // accumulation) for task, size in plan.items()}
-            with self.timers.phase("forward_backward"):
-                total = 0.0
-                for task, batch in batches.items():
-                    loss = self.model.loss(task, self.engine(task, batch), batch["labels"])
-                    total = total + self.cfg.tasks[task].weight * loss
-                    losses[task] += loss.item() / accumulation
-                self.engine.backward(total)
-            with self.timers.phase("optimizer"):
-                self.engine.step()
+        with self.timers.phase("data"):
+            micro_batches = [{task: self._batch(task, size // self.accumulation) for task, size in plan.items()}
+                             for _ in range(self.accumulation)]
+        weights = {task: self.cfg.tasks[task].weight for task in plan}
         self.global_step += 1
-        return dict(losses)
+        try:
+            with self.timers.phase("step"):
+                if isinstance(self.gradients, SurgeryGradients):
+                    outcome = self.gradients.run(micro_batches, self._loss, weights, self.global_step)
+                else:
+                    outcome = self.gradients.run(micro_batches, self._loss, weights)
+        except NonFiniteStep as exc:
+            self.num_skipped_in_a_row += 1
+            log.warning("step %d skipped on every rank: %s (%d in a row)", self.global_step, exc,
+                        self.num_skipped_in_a_row)
+            self.logger.scalars(self.global_step, {"train/skipped_nonfinite": 1.0})
+            if self.num_skipped_in_a_row >= self.cfg.train.max_nonfinite_steps:
+                raise RuntimeError(f"{self.num_skipped_in_a_row} steps in a row had a non-finite loss or gradient "
+                                   f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); last: {exc}")
+            return {}
+        self.num_skipped_in_a_row = 0
+        if outcome.stats is not None and self.global_step % self.cfg.observe.log_every == 0:
+            self.logger.scalars(self.global_step, surgery_scalars(outcome.stats, list(self.model.tasks)))
+        return outcome.losses
+
+    def _loss(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Under surgery the plain module runs the forward: DeepSpeed 0.19.8 hooks the engine's outputs and
+        # refuses any backward through them but engine.backward (autograd.grad included).
+        forward = self.engine if isinstance(self.gradients, SummedGradients) else self.model
+        return self.model.loss(task, forward(task, batch), batch["labels"])
 
     def fit(self) -> dict:
         cfg = self.cfg

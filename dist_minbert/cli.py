@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -24,7 +25,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dist_minbert.config import load_config
     from launch.ray_run import run_training
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.resume:
+        resume = args.resume if args.resume == "latest" else str(Path(args.resume).resolve())
+        overrides.append(f"checkpoint.resume={json.dumps(resume)}")  # quoted: any path stays one YAML string
+    cfg = load_config(args.config, overrides)
     summary = run_training(cfg)
     _print_summary(summary)
     return 0
@@ -47,12 +52,19 @@ def _print_summary(summary: dict) -> None:
     print(f"summary      {Path(paths['output_dir']) / 'summary.json'}")
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def _load_quietly(checkpoint: str):
+    """The checkpoint's model; DeepSpeed's import-time notices go to stderr so stdout stays machine-readable."""
     from dist_minbert.engine.checkpoint_io import load_trained_model
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return load_trained_model(checkpoint)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
     from dist_minbert.engine.inference import evaluate_file
     from dist_minbert.engine.task_inputs import split_path
 
-    cfg, model = load_trained_model(args.checkpoint)
+    cfg, model = _load_quietly(args.checkpoint)
     files = _task_files(args.files) or [(t, split_path(cfg.data.root, s.dev)) for t, s in cfg.tasks.items() if s.dev]
     results = {task: evaluate_file(model, cfg, task, path, labelled=True)[2] for task, path in files}
     print(json.dumps(results, indent=2))
@@ -60,11 +72,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from dist_minbert.engine.checkpoint_io import load_trained_model
     from dist_minbert.engine.inference import evaluate_file
     from dist_minbert.tasks.predictions import write_predictions
 
-    cfg, model = load_trained_model(args.checkpoint)
+    cfg, model = _load_quietly(args.checkpoint)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for task, path in _task_files(args.files):
@@ -76,10 +87,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from dist_minbert.engine.checkpoint_io import load_trained_model
     from dist_minbert.model.export import export_hf
 
-    cfg, model = load_trained_model(args.checkpoint)
+    cfg, model = _load_quietly(args.checkpoint)
     export_hf(model.encoder, cfg.model.checkpoint, args.out)
     print(f"Hugging Face folder written to {args.out}")
     return 0
@@ -91,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="multitask fine-tuning on Ray Train with DeepSpeed workers")
     train.add_argument("--config", required=True, help="YAML file in configs/")
+    train.add_argument("--resume", metavar="PATH|latest",
+                       help="continue from a checkpoint folder (or a run folder's latest), or from the latest "
+                            "checkpoint in train.output_dir; also on another number of workers")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. workers.num_workers=1")
     train.set_defaults(func=cmd_train)
 

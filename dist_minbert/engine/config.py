@@ -45,6 +45,7 @@ class DeepSpeedConfig:
 class OptimConfig:
     name: Literal["adamw", "sgd"] = "adamw"  # sgd exists for equivalence tests (Adam hides a wrong gradient scale)
     lr: float = 5e-5
+    head_lr: float | None = None  # learning rate of the task heads; None = lr
     weight_decay: float = 0.01
     betas: list[float] | None = None  # AdamW betas; None = (0.9, 0.999)
     warmup_fraction: float = 0.1  # of all optimizer steps; then linear decay to 0
@@ -53,6 +54,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"lr: {self.lr} must be > 0")
+        if self.head_lr is not None and self.head_lr <= 0:
+            raise ValueError(f"head_lr: {self.head_lr} must be > 0 (or null for lr)")
         if not 0 <= self.warmup_fraction < 1:
             raise ValueError(f"warmup_fraction: {self.warmup_fraction}; allowed: 0 ≤ x < 1")
         if self.betas is not None and (len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas)):

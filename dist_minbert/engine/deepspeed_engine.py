@@ -58,13 +58,20 @@ def lr_lambda(cfg: OptimConfig, total_steps: int):
     return factor
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and LayerNorm weights, as BERT fine-tuning does."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
+def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    """No weight decay on biases and LayerNorm weights, as BERT fine-tuning does; task heads may get their own lr.
+
+    A head starts from scratch while the encoder is pretrained: at encoder learning rates a cosine head's
+    scale and bias barely move in a short run, so `head_lr` lets the heads learn at their own pace.
+    """
+    shared = {id(p) for p in model.shared_parameters()}
+    groups: dict[tuple[bool, bool], list] = {}
+    for param in model.parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((id(param) in shared, param.ndim >= 2), []).append(param)
+    return [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0,
+             "lr": cfg.lr if is_shared or cfg.head_lr is None else cfg.head_lr}
+            for (is_shared, decay), params in sorted(groups.items(), key=lambda kv: kv[0], reverse=True)]
 
 
 def build_engine(model: torch.nn.Module, ds_cfg: DeepSpeedConfig, optim_cfg: OptimConfig, total_steps: int,
@@ -74,7 +81,7 @@ def build_engine(model: torch.nn.Module, ds_cfg: DeepSpeedConfig, optim_cfg: Opt
 
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     precision = resolve_precision(ds_cfg, use_gpu)
-    optimizer = build_optimizer(param_groups(model, optim_cfg.weight_decay), optim_cfg)
+    optimizer = build_optimizer(param_groups(model, optim_cfg), optim_cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim_cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,

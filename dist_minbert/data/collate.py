@@ -13,6 +13,7 @@ from itertools import chain
 from typing import Literal, NamedTuple, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 Encoding = Literal["single", "bi", "cross"]
@@ -26,7 +27,7 @@ class Collated(NamedTuple):
 
 
 def collate(
-    rows: dict[str, list],
+    rows: dict[str, list] | pa.Table,
     encoding: Encoding,
     max_length: int,
     cls_id: int,
@@ -35,10 +36,13 @@ def collate(
 ) -> Collated:
     """Build the batch keys of `encoding` from `rows` ("a", "b" for pairs, "label" when labelled).
 
-    single/bi: [CLS] x [SEP] per sentence (bi: keys prefixed a_ / b_); cross:
+    `rows` is column -> list (what sources' take() returns) or an Arrow table (take_table(),
+    the fast path: token columns are read through their offsets, no Python ints). single/bi: [CLS] x [SEP] per sentence (bi: keys prefixed a_ / b_); cross:
     [CLS] a [SEP] b [SEP] with token type 1 on b and its [SEP]. All int64 (B, T),
     padded to the longest row of the batch; "labels" float32 (B,) when rows hold "label".
     """
+    if isinstance(rows, pa.Table):
+        rows = {name: rows.column(name).combine_chunks() for name in rows.column_names}
     if encoding == "cross":
         if max_length < 3:
             raise ValueError(f"max_length: {max_length} leaves no room for [CLS] a [SEP] b [SEP]; allowed: >= 3")
@@ -63,7 +67,9 @@ def collate(
     else:
         raise ValueError(f"encoding: {encoding!r} is unknown; allowed: 'single', 'bi', 'cross'")
     if "label" in rows:
-        tensors["labels"] = torch.tensor(rows["label"], dtype=torch.float32)
+        labels = rows["label"]
+        labels = labels.to_numpy(zero_copy_only=False) if isinstance(labels, pa.Array) else labels
+        tensors["labels"] = torch.as_tensor(np.asarray(labels, dtype=np.float32))
     return Collated(tensors, num_truncated)
 
 
@@ -85,20 +91,26 @@ def longest_first_keep(a_len: np.ndarray, b_len: np.ndarray, budget: int) -> tup
     return np.minimum(a_keep, a_len), np.minimum(b_keep, b_len)
 
 
-def _flatten(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+def _flatten(seqs: Sequence[Sequence[int]] | pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """All tokens of the rows back to back, and each row's count."""
+    if isinstance(seqs, pa.ListArray):
+        offsets = seqs.offsets.to_numpy()
+        return seqs.values.to_numpy()[offsets[0]:offsets[-1]], np.diff(offsets).astype(np.int64)
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
     flat = np.fromiter(chain.from_iterable(seqs), dtype=np.int64, count=int(lengths.sum()))
     return flat, lengths
 
 
 def _scatter(out: np.ndarray, flat: np.ndarray, lengths: np.ndarray, keep: np.ndarray, first_col: np.ndarray) -> None:
-    """Write the first keep[i] tokens of row i into out[i, first_col[i]:] without a Python loop per row."""
-    starts = np.cumsum(lengths) - lengths
-    pos_in_row = np.arange(flat.size) - np.repeat(starts, lengths)
-    kept = pos_in_row < np.repeat(keep, lengths)
-    row = np.repeat(np.arange(lengths.size), lengths)[kept]
-    col = (np.repeat(first_col, lengths) + pos_in_row)[kept]
-    out[row, col] = flat[kept]
+    """Write the first keep[i] tokens of row i into out[i, first_col[i]:] without a Python loop per row.
+
+    The target cells, read row-major, are the kept tokens in order: one masked assignment.
+    """
+    if (keep < lengths).any():
+        pos_in_row = np.arange(flat.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        flat = flat[pos_in_row < np.repeat(keep, lengths)]
+    cols = np.arange(out.shape[1])[None, :]
+    out[(cols >= first_col[:, None]) & (cols < (first_col + keep)[:, None])] = flat
 
 
 def _single(flat, lengths, keep, cls_id, sep_id, pad_id) -> dict[str, torch.Tensor]:

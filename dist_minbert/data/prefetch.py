@@ -13,6 +13,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
+import pyarrow as pa
+
 from dist_minbert.data.collate import Collated
 from dist_minbert.data.stream import TaskStream
 
@@ -32,14 +34,16 @@ class StepBatches:
 def read_step(
     streams: dict[str, TaskStream],
     plan: dict[str, int],
-    collate_rows: Callable[[str, dict[str, list]], Collated],
+    collate_rows: Callable[[str, pa.Table], Collated],
 ) -> StepBatches:
-    """This rank's batches of one step's plan (task -> global batch size), with the positions after it."""
+    """This rank's batches of one step's plan (task -> global batch size), with the positions after it.
+
+    `collate_rows(task, rows)` gets the rows as an Arrow table; collate() takes it as is."""
     batches, ids = {}, {}
     for task, global_batch_size in plan.items():
-        rows = streams[task].next_batch(global_batch_size)
+        rows = streams[task].next_table(global_batch_size)
         batches[task] = collate_rows(task, rows)
-        ids[task] = rows.get("id", [])
+        ids[task] = rows.column("id").to_pylist() if "id" in rows.column_names else []
     return StepBatches(batches, ids, {task: stream.state_dict() for task, stream in streams.items()})
 
 

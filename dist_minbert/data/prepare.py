@@ -263,7 +263,10 @@ def _encode_in_worker(texts: list[str], max_tokens: int) -> pa.Array:
 
 
 def _encode(tokenizer: WordPieceTokenizer, texts: list[str], max_tokens: int) -> pa.Array:
-    return pa.array([ids[:max_tokens] for ids in tokenizer.encode(texts)], TOKENS)
+    ids = tokenizer.encode(texts)
+    if max(map(len, ids), default=0) > max_tokens:
+        ids = [seq[:max_tokens] for seq in ids]
+    return pa.array(ids, TOKENS)
 
 
 class _Encoder:

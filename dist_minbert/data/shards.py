@@ -189,17 +189,20 @@ class ShardedSource:
 
     def take(self, rows: Sequence[int] | np.ndarray) -> dict[str, list]:
         """The given rows, in the given order, as column name -> list."""
+        return self.take_table(rows).to_pydict()
+
+    def take_table(self, rows: Sequence[int] | np.ndarray) -> pa.Table:
+        """The given rows, in the given order, as Arrow; a batch inside one block costs one take."""
         rows = np.asarray(rows, dtype=np.int64)
         blocks = rows // self.block_rows
         if rows.size and blocks.min() == blocks.max():  # the usual batch: one block
-            return self.read_block(int(blocks[0])).take(pa.array(rows % self.block_rows)).to_pydict()
+            return pa.Table.from_batches([self.read_block(int(blocks[0])).take(pa.array(rows % self.block_rows))])
         by_block = np.argsort(blocks, kind="stable")
-        parts = []
+        parts = [self.schema.empty_table()]
         for block in np.unique(blocks):
             local = rows[by_block][blocks[by_block] == block] % self.block_rows
             parts.append(pa.Table.from_batches([self.read_block(int(block)).take(pa.array(local))]))
-        gathered = pa.concat_tables(parts) if parts else self.schema.empty_table()
-        return gathered.take(pa.array(np.argsort(by_block))).to_pydict()
+        return pa.concat_tables(parts).take(pa.array(np.argsort(by_block)))
 
     def row_lengths(self, start: int, stop: int) -> np.ndarray:
         """Tokens (a + b) of rows start .. stop - 1; start is a block start (what order.py asks for)."""

@@ -29,6 +29,8 @@ class RowSource(Protocol):
 
     def take(self, rows: Sequence[int] | np.ndarray) -> dict[str, list]: ...
 
+    def take_table(self, rows: Sequence[int] | np.ndarray) -> pa.Table: ...
+
     def row_lengths(self, start: int, stop: int) -> np.ndarray: ...
 
 
@@ -44,7 +46,11 @@ class TableSource:
 
     def take(self, rows: Sequence[int] | np.ndarray) -> dict[str, list]:
         """The given rows, in the given order, as column name -> list."""
-        return self.table.take(pa.array(np.asarray(rows, dtype=np.int64))).to_pydict()
+        return self.take_table(rows).to_pydict()
+
+    def take_table(self, rows: Sequence[int] | np.ndarray) -> pa.Table:
+        """The given rows, in the given order, as Arrow (what collate reads fastest)."""
+        return self.table.take(pa.array(np.asarray(rows, dtype=np.int64)))
 
     def row_lengths(self, start: int, stop: int) -> np.ndarray:
         """Tokens (a + b, no specials) of rows start .. stop - 1, for length grouping."""

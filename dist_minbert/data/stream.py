@@ -15,6 +15,7 @@ it keeps every property above.
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 from dist_minbert.data.order import EpochOrder
 from dist_minbert.data.source import RowSource
@@ -48,11 +49,15 @@ class TaskStream:
 
     def next_batch(self, global_batch_size: int) -> dict[str, list]:
         """This rank's global_batch_size / world_size rows of the next global batch."""
+        return self.next_table(global_batch_size).to_pydict()
+
+    def next_table(self, global_batch_size: int) -> pa.Table:
+        """next_batch() as Arrow: what collate() reads fastest."""
         rows = self._rows_of(self.next_positions(global_batch_size))
         self.consumed += global_batch_size
         self.epoch += self.consumed // self.num_rows
         self.consumed %= self.num_rows
-        return self.source.take(rows)
+        return self.source.take_table(rows)
 
     def next_positions(self, global_batch_size: int) -> np.ndarray:
         """Positions, counted from the start of the current epoch, that this rank reads next."""

@@ -1,0 +1,195 @@
+"""`bench data`: prepare and streaming throughput and memory, beside the naive in-memory CSV path.
+
+The corpus is generated from the shared CS224N sentences: line k joins sentence k mod n,
+sentence (k mod n + 1 + k div n) mod n and, for every third line, one more; so its lines
+are distinct by construction and nothing downstream can cache a repeat. Each rank runs
+in a freshly spawned process so its memory is its own: RSS growth is the peak while
+streaming minus the RSS right after imports (no model is loaded).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import time
+from multiprocessing import get_context
+from typing import Any, Iterator
+
+from dist_minbert.data.config import DataConfig
+from dist_minbert.data.prepare import prepare_corpus
+from dist_minbert.model.tokenizer import WordPieceTokenizer
+from dist_minbert.tasks.config import TaskConfig
+from dist_minbert.tasks.readers import read_task_file
+from dist_minbert.tasks.registry import BUILTIN_TASKS
+
+TARGETS = {  # from the project's issue 3
+    "prepare_sentences_per_s": 40_000,
+    "stream_samples_per_s_per_rank": 100_000,
+    "stream_rss_growth_mb": 200,
+}
+
+
+def run_data_benchmark(
+    work_dir: str,
+    num_lines: int = 1_000_000,
+    max_length: int = 128,
+    batch_size_per_rank: int = 64,
+    num_ranks: int = 2,
+    csv_rows: int = 200_000,
+    prefetch: int = 2,
+    prepare_workers: int = 0,
+    checkpoint: str = "embedded",
+    data_root: str = DataConfig().root,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Measure, side by side: prepare (tokenize + write shards), streaming by `num_ranks` ranks
+    at once (shuffled, prefetched, collated to padded int64 tensors) and the in-memory CSV path."""
+    os.makedirs(work_dir, exist_ok=True)
+    corpus = os.path.join(work_dir, "corpus.txt")
+    shards = os.path.join(work_dir, "corpus-shards")
+    csv_path = os.path.join(work_dir, "corpus.tsv")
+    sentences = shared_sentences(data_root)
+    _write_lines(corpus, generated_lines(sentences, num_lines))
+    _write_lines(csv_path, (f"{k}\tl{k}\t{line}\n" for k, line in enumerate(generated_lines(sentences, csv_rows))),
+                 header="\tid\tsentence\n")
+    tokenizer = WordPieceTokenizer.from_checkpoint(checkpoint)
+    data = DataConfig(root=data_root, prepare_workers=prepare_workers, prefetch=prefetch)
+
+    shutil.rmtree(shards, ignore_errors=True)  # measure a build, not a no-op
+    start = time.perf_counter()
+    manifest = prepare_corpus(corpus, shards, tokenizer, max_length, data, progress=False)
+    prepare_s = time.perf_counter() - start
+
+    ranks = _stream_ranks(shards, num_ranks, batch_size_per_rank, prefetch, max_length, checkpoint, seed)
+    csv_per_s = _csv_in_memory(csv_path, tokenizer, max_length, batch_size_per_rank, seed)
+
+    stream_per_s = min(r["samples_per_s"] for r in ranks)
+    result = {
+        "num_lines": num_lines,
+        "max_length": max_length,
+        "batch_size_per_rank": batch_size_per_rank,
+        "num_ranks": num_ranks,
+        "prefetch": prefetch,
+        "cpu_count": os.cpu_count(),
+        "prepare_workers": prepare_workers or os.cpu_count(),
+        "prepare_seconds": prepare_s,
+        "prepare_sentences_per_s": num_lines / prepare_s,
+        "prepare_rejects": manifest.rejects["count"],
+        "shard_bytes": sum(s.bytes for s in manifest.shards),
+        "stream_samples_per_s_per_rank": stream_per_s,
+        "stream_samples_per_s_each_rank": [r["samples_per_s"] for r in ranks],
+        "stream_rss_growth_mb": max(r["rss_growth_mb"] for r in ranks),
+        "stream_samples_per_rank": ranks[0]["samples"],
+        "csv_rows": csv_rows,
+        "csv_in_memory_samples_per_s": csv_per_s,
+        "stream_vs_csv_ratio": stream_per_s / csv_per_s,
+        "prepare_vs_csv_ratio": num_lines / prepare_s / csv_per_s,
+    }
+    result["meets_targets"] = {
+        "prepare_sentences_per_s": result["prepare_sentences_per_s"] >= TARGETS["prepare_sentences_per_s"],
+        "stream_samples_per_s_per_rank": stream_per_s >= TARGETS["stream_samples_per_s_per_rank"],
+        "stream_rss_growth_mb": result["stream_rss_growth_mb"] <= TARGETS["stream_rss_growth_mb"],
+    }
+    return result
+
+
+def shared_sentences(data_root: str) -> list[str]:
+    """The distinct sentences of the builtin tasks' train and dev files, in file order."""
+    texts: dict[str, None] = {}
+    for raw in BUILTIN_TASKS.values():
+        task = TaskConfig(**raw)
+        for split in (task.train, task.dev):
+            if split:
+                rows = read_task_file(DataConfig(root=data_root).resolve(split), task, True, "reject")
+                texts.update(dict.fromkeys(rows.a + (rows.b or [])))
+    return list(texts)
+
+
+def generated_lines(sentences: list[str], num_lines: int) -> Iterator[str]:
+    n = len(sentences)
+    if num_lines > n * (n - 1):
+        raise ValueError(f"num_lines: {num_lines} exceeds the {n * (n - 1)} distinct pairs of {n} sentences")
+    for k in range(num_lines):
+        first, second = k % n, (k % n + 1 + k // n) % n
+        line = f"{sentences[first]} {sentences[second]}"
+        yield f"{line} {sentences[(7 * k + 3) % n]}" if k % 3 == 0 else line
+
+
+def _write_lines(path: str, lines: Iterator[str], header: str = "") -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(header)
+        for line in lines:
+            f.write(line if line.endswith("\n") else line + "\n")
+
+
+def _stream_ranks(url, num_ranks, batch_size_per_rank, prefetch, max_length, checkpoint, seed) -> list[dict]:
+    ctx = get_context("spawn")  # fresh processes: their RSS is theirs alone
+    start, results = ctx.Barrier(num_ranks), ctx.Queue()
+    procs = [ctx.Process(target=_stream_rank, args=(url, rank, num_ranks, batch_size_per_rank, prefetch, max_length,
+                                                     checkpoint, seed, start, results)) for rank in range(num_ranks)]
+    for p in procs:
+        p.start()
+    out = sorted((results.get() for _ in procs), key=lambda r: r["rank"])
+    for p in procs:
+        p.join()
+    if failed := [r for r in out if "error" in r]:
+        raise RuntimeError(f"stream benchmark rank {failed[0]['rank']} failed: {failed[0]['error']}")
+    return out
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _stream_rank(url, rank, num_ranks, batch_size_per_rank, prefetch, max_length, checkpoint, seed, start, results):
+    try:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        from dist_minbert.data.collate import collate
+        from dist_minbert.data.prefetch import Prefetcher, read_step
+        from dist_minbert.data.shards import open_source
+        from dist_minbert.data.stream import TaskStream
+
+        torch.set_num_threads(1)
+        tok = WordPieceTokenizer.from_checkpoint(checkpoint)
+        rss_after_imports = _rss_mb()
+        streams = {"corpus": TaskStream(open_source(url), seed, num_ranks, rank)}
+        global_batch = batch_size_per_rank * num_ranks
+        steps = len(streams["corpus"].source) // global_batch
+
+        def collate_rows(task, rows):
+            return collate(rows, "single", max_length, tok.cls_id, tok.sep_id, tok.pad_id)
+
+        start.wait()
+        began = time.perf_counter()
+        samples = 0
+        with Prefetcher(lambda plan: read_step(streams, plan, collate_rows), [{"corpus": global_batch}] * steps,
+                        prefetch) as batches:
+            for step in batches:
+                samples += step.batches["corpus"].tensors["input_ids"].shape[0]
+        elapsed = time.perf_counter() - began
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        results.put({"rank": rank, "samples": samples, "samples_per_s": samples / elapsed,
+                     "rss_growth_mb": peak - rss_after_imports})
+    except BaseException as exc:  # reported to the parent, which raises
+        start.abort()
+        results.put({"rank": rank, "error": repr(exc)})
+
+
+def _csv_in_memory(path: str, tokenizer: WordPieceTokenizer, max_length: int, batch_size: int, seed: int) -> float:
+    """The naive peer: read the CSV, tokenize it all in memory, then one shuffled epoch of collated batches."""
+    from dist_minbert.data.collate import collate
+    from dist_minbert.data.source import TableSource, tokenize_rows
+    from dist_minbert.data.stream import TaskStream
+
+    task = TaskConfig(kind="classification", text_columns=["sentence"], label_column="label", num_classes=2)
+    began = time.perf_counter()
+    rows = read_task_file(path, task, labelled=False, on_bad_row="reject")
+    stream = TaskStream(TableSource(tokenize_rows(rows, tokenizer, max_length - 1)), seed, 1, 0)
+    steps = len(rows.ids) // batch_size
+    for _ in range(steps):
+        collate(stream.next_batch(batch_size), "single", max_length, tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id)
+    return steps * batch_size / (time.perf_counter() - began)

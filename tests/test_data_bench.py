@@ -25,7 +25,8 @@ def test_benchmark_reports_every_measure(tmp_path):
                                 data_root=DATA)
     assert result["stream_samples_per_rank"] == (4_000 // 128) * 64  # full steps of a global batch of 2 x 64
     assert len(result["stream_samples_per_s_each_rank"]) == 2 and result["prepare_rejects"] == 0
-    for key in ("prepare_sentences_per_s", "stream_samples_per_s_per_rank", "csv_in_memory_samples_per_s"):
+    for key in ("prepare_sentences_per_s", "prepare_sentences_per_cpu_s", "stream_samples_per_s_per_rank",
+                "stream_samples_per_cpu_s_per_rank", "csv_in_memory_samples_per_s"):
         assert math.isfinite(result[key]) and result[key] > 0
     assert 0 <= result["stream_rss_growth_mb"] < TARGETS["stream_rss_growth_mb"]
     assert result["stream_vs_csv_ratio"] == result["stream_samples_per_s_per_rank"] / result["csv_in_memory_samples_per_s"]

@@ -67,8 +67,9 @@ class CosineLogitHead(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.scale = nn.Parameter(torch.tensor(10.0))
-        self.bias = nn.Parameter(torch.tensor(-5.0))
+        # Shape (1,), not 0-d: DeepSpeed's parameter broadcast cannot view a 0-d tensor as bytes.
+        self.scale = nn.Parameter(torch.tensor([10.0]))
+        self.bias = nn.Parameter(torch.tensor([-5.0]))
 
     def forward(self, u: Tensor, v: Tensor) -> Tensor:
         return self.scale * F.cosine_similarity(u, v, dim=-1) + self.bias  # (B,)

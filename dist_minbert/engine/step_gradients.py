@@ -4,8 +4,9 @@
 `surgery`: each task gets its own backward through torch.autograd.grad (which fires none of
 DeepSpeed's reduction hooks and leaves .grad alone); the per-task gradients of the shared encoder
 go through the all-reduce-aware combination (dist_minbert.surgery.distributed), and the result is
-handed to DeepSpeed through a linear surrogate, engine.backward(Σ_p ⟨p, c_p⟩), so DeepSpeed's own
-reduction, clipping and ZeRO partitioning apply unchanged at stages 0, 1 and 2.
+handed to DeepSpeed through a surrogate loss whose backward yields exactly that gradient
+(engine.backward(_HandOver)), so DeepSpeed's clipping and ZeRO partitioning apply unchanged at
+stages 0, 1 and 2.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch.distributed as dist
 
 from dist_minbert.surgery.comm import CommCounter
 from dist_minbert.surgery.config import SurgeryConfig
-from dist_minbert.surgery.distributed import combine_task_gradients, sample_scales
+from dist_minbert.surgery.distributed import TaskReduction, resolve_plan
 from dist_minbert.surgery.pcgrad import step_generator
 from dist_minbert.surgery.stats import SurgeryStats
 from dist_minbert.tasks.multitask import MultitaskModel
@@ -64,73 +65,221 @@ class SummedGradients:
 
 
 class SurgeryGradients:
-    """Per-task gradients, accumulated over micro-batches, combined across ranks before one optimizer step."""
+    """Per-task gradients, accumulated over micro-batches, combined across ranks before one optimizer step.
+
+    Each task's gradient goes to the surgery hook (TaskReduction) as soon as its last backward ends,
+    so its reduction overlaps the next task's forward and backward. At ZeRO 0 a gradient that every
+    rank already holds (exact mode's update, or anything on one rank) is handed to DeepSpeed with its
+    reduction switched off, and the heads are all-reduced here: communication is exactly the plan's.
+    At ZeRO 1/2 DeepSpeed's own reduction partitions the gradient, so it always runs.
+    """
 
     def __init__(self, engine, model: MultitaskModel, cfg: SurgeryConfig, seed: int, comm: CommCounter) -> None:
         self.engine, self.model, self.cfg, self.seed, self.comm = engine, model, cfg, seed, comm
         self.tasks = list(model.tasks)
         self.shared = [p for p in model.shared_parameters() if p.requires_grad]
         self.num_shared = sum(p.numel() for p in self.shared)
-        dtype = torch.float32 if self.shared[0].dtype != torch.float64 else torch.float64
-        # T×P accumulator of the rank's per-task gradients of the encoder (fp32 even under bf16 training).
-        self.task_grads = torch.zeros(len(self.tasks), self.num_shared, dtype=dtype, device=self.shared[0].device)
+        # Task gradients are accumulated in fp32 even under bf16 training.
+        self.dtype = torch.float32 if self.shared[0].dtype != torch.float64 else torch.float64
+        self.device = self.shared[0].device
+        # The handover's backward passes its gradients unscaled: DeepSpeed must not divide by accumulation steps.
+        assert engine.gradient_accumulation_steps() == 1, "surgery accumulates micro-batches itself"
+        self.own_reduction = engine.zero_optimization_stage() == 0
+        if self.own_reduction:
+            assert hasattr(engine, "enable_backward_allreduce"), "DeepSpeed's ZeRO-0 reduction switch is missing"
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        # The sharded plan gathering the update never needs the T×P rows: they are not kept between steps.
+        self.lean = (self.own_reduction and cfg.mode == "pcgrad" and world_size > 1
+                     and resolve_plan(cfg.plan, dist.get_backend()) == "sharded")
+        # ZeRO 0 with fp32 parameters: backward straight into the task rows (.grad preset to views of them).
+        self.into_grad = self.own_reduction and self.shared[0].dtype == self.dtype
+        self._task_grads: torch.Tensor | None = None  # T×P rows reused across steps (fresh ones cost page faults)
+        self.peak_gradient_bytes = 0  # most bytes of gradient buffers (.grad, task rows, shards) held at once
 
     def run(self, micro_batches, loss_of, weights: dict[str, float], step: int) -> StepOutcome:
-        self.task_grads.zero_()
+        """`micro_batches`: list of {task: batch}, the same tasks on every rank; `loss_of(task, batch)` → mean loss."""
+        local_counts = torch.tensor([sum(len(b[task]["labels"]) for b in micro_batches if task in b)
+                                     for task in self.tasks], dtype=torch.int64)
+        reduction = TaskReduction(local_counts, self.num_shared, self.cfg, self.comm, dtype=self.dtype,
+                                  device=self.device, gather_update=self.own_reduction, rows=self._rows())
+        last_micro_batch = {task: i for i, batches in enumerate(micro_batches) for task in batches}
         head_grads: dict[str, list[torch.Tensor]] = {}
-        local_counts = torch.zeros(len(self.tasks), dtype=torch.int64)
         losses: dict[str, float] = {}
-        for batches in micro_batches:
+        for i, batches in enumerate(micro_batches):
             for task, batch in batches.items():
-                t = self.tasks.index(task)
-                loss = loss_of(task, batch)
-                head = self.model.task_parameters(task)
-                grads = torch.autograd.grad(weights[task] * loss / len(micro_batches), self.shared + head,
-                                            allow_unused=True)
-                n = len(batch["labels"])
-                # Accumulate n-weighted so that a task's row ends as the gradient of its mean over all micro-batches.
-                self.task_grads[t] += n * _flatten(grads[: len(self.shared)], self.shared)
-                previous = head_grads.get(task)
-                head_grads[task] = [n * _dense(g, p) + (previous[i] if previous else 0)
-                                    for i, (g, p) in enumerate(zip(grads[len(self.shared):], head))]
-                local_counts[t] += n
-                losses[task] = losses.get(task, 0.0) + loss.item() / len(micro_batches)
-        present = local_counts > 0
-        self.task_grads[present] /= local_counts[present, None].to(self.task_grads.dtype) / len(micro_batches)
+                t, n = self.tasks.index(task), len(batch["labels"])
+                if t not in reduction.present:
+                    continue
+                first = i == min(j for j, b in enumerate(micro_batches) if task in b)
+                if n:
+                    loss = loss_of(task, batch)
+                    losses[task] = losses.get(task, 0.0) + loss.item() / len(micro_batches)
+                    # s_t·n/n_t^r: the row ends as s_t times the gradient of the mean loss over the rank's rows.
+                    scale = weights[task] * float(reduction.scales[t]) * n / int(local_counts[t])
+                    backward = self._backward_into_row if self.into_grad else self._grad_into_row
+                    _accumulate(head_grads, task, backward(scale * loss, task, reduction, first, head_grads))
+                elif first:
+                    reduction.row(t).zero_()
+                if i == last_micro_batch[task]:
+                    reduction.reduce([t])
+        result = reduction.finish(step_generator(self.seed, step))
+        self._track([result.gradient], reduction, head_grads)
+        checked = result.stats.gram.diagonal() if result.stats is not None else result.gradient.norm()[None]
         if not all_finite(torch.cat([torch.tensor(list(losses.values()), dtype=torch.float64),
-                                     self.task_grads.norm(dim=1).double().cpu()])):
+                                     checked.double().cpu()])):
             raise NonFiniteStep(f"non-finite loss or gradient: {_fmt(losses)}")
-        result = combine_task_gradients(self.task_grads, local_counts, self.cfg, step_generator(self.seed, step),
-                                        self.comm)
-        scales = sample_scales(local_counts, result.global_counts, self.comm.world_size)
-        surrogate = _surrogate(self.shared, result.gradient)
-        for task, grads in head_grads.items():
-            t = self.tasks.index(task)
-            # Heads keep their own task's gradient, sample-weighted like the encoder's (s_t / n_t^r per sample).
-            scale = float(scales[t]) * len(micro_batches) / int(local_counts[t])
-            surrogate = surrogate + sum((p * (g * scale).to(p.dtype)).sum()
-                                        for p, g in zip(self.model.task_parameters(task), grads))
-        self.engine.backward(surrogate)
+        skip_engine_reduction = self.own_reduction and result.is_global
+        if skip_engine_reduction and reduction.world_size > 1:
+            self._all_reduce_heads(head_grads, reduction)
+        handover = _HandOver.apply(self._per_parameter(result.gradient, head_grads), *self._parameters(head_grads))
+        self._backward(handover, reduce=not skip_engine_reduction)
+        self._track([p.grad for p in self.model.parameters() if p.grad is not None], reduction, {})
         self.engine.step()
         return StepOutcome(losses, result.stats)
 
+    def _backward_into_row(self, loss: torch.Tensor, task: str, reduction: TaskReduction, first: bool,
+                           head_grads: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:
+        """ZeRO 0 (no DeepSpeed hooks on parameters): the backward accumulates straight into the task's row,
+        each encoder parameter's .grad preset to a view of it, so no P-sized set of autograd outputs exists
+        besides the row. Returns the head's gradients (taken off .grad, which the handover fills later)."""
+        row = reduction.row(self.tasks.index(task))  # (sharded plan: waits for the previous task's reduce-scatter)
+        if first:
+            row.zero_()
+        head = self.model.task_parameters(task)
+        for p, slot in zip(self.shared, _views(row, self.shared)):
+            p.grad = slot
+        try:
+            torch.autograd.backward(loss, inputs=self.shared + head)
+        finally:
+            for p in self.shared:
+                p.grad = None
+        grads = [_dense(p.grad, p) for p in head]
+        for p in head:
+            p.grad = None
+        self._track(grads, reduction, head_grads)
+        return grads
 
-def _flatten(grads, params) -> torch.Tensor:
-    return torch.cat([_dense(g, p).reshape(-1).float() for g, p in zip(grads, params)])
+    def _grad_into_row(self, loss: torch.Tensor, task: str, reduction: TaskReduction, first: bool,
+                       head_grads: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:
+        """ZeRO 1/2: torch.autograd.grad fires none of ZeRO's reduction hooks; its outputs are copied (first
+        micro-batch) or added into the task's row, each dropped as soon as it is written."""
+        head = self.model.task_parameters(task)
+        grads = list(torch.autograd.grad(loss, self.shared + head, allow_unused=True))
+        self._track(grads, reduction, head_grads)
+        row = reduction.row(self.tasks.index(task))
+        for i, slot in enumerate(_views(row, self.shared)):
+            if grads[i] is None:
+                if first:
+                    slot.zero_()
+            elif first:
+                slot.copy_(grads[i])
+            else:
+                slot.add_(grads[i])
+            grads[i] = None
+        return [_dense(g, p) for g, p in zip(grads[len(self.shared):], head)]
+
+    def _rows(self) -> torch.Tensor | None:
+        if self.lean:
+            return None
+        if self._task_grads is None:
+            self._task_grads = torch.empty(len(self.tasks), self.num_shared, dtype=self.dtype, device=self.device)
+        return self._task_grads
+
+    def _all_reduce_heads(self, head_grads: dict[str, list[torch.Tensor]], reduction: TaskReduction) -> None:
+        """Mean over ranks of the heads' sample-scaled gradients (one small bucket; every rank lists the same
+        tensors: the heads of the tasks present in the step, zeros where a rank had no rows of a task)."""
+        present = [task for t, task in enumerate(self.tasks) if t in reduction.present]
+        for task in present:
+            if task not in head_grads:
+                head_grads[task] = [torch.zeros_like(p) for p in self.model.task_parameters(task)]
+        tensors = [g for task in present for g in head_grads[task]]
+        if not tensors:
+            return
+        bucket = torch.cat([g.reshape(-1).float() for g in tensors])
+        self.comm.all_reduce(bucket)  # the heads' parameters only: a few thousand numbers
+        bucket /= reduction.world_size
+        offset = 0
+        for g in tensors:
+            g.copy_(bucket[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _parameters(self, head_grads: dict[str, list[torch.Tensor]]) -> list[torch.nn.Parameter]:
+        return self.shared + [p for task in head_grads for p in self.model.task_parameters(task)]
+
+    def _per_parameter(self, flat: torch.Tensor, head_grads: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Views of the flat update shaped like each encoder parameter (no copy), then the heads' gradients."""
+        views = [view.to(p.dtype) for view, p in zip(_views(flat, self.shared), self.shared)]
+        heads = [g.to(p.dtype) for task in head_grads
+                 for g, p in zip(head_grads[task], self.model.task_parameters(task))]
+        return views + heads
+
+    def _backward(self, handover: torch.Tensor, reduce: bool) -> None:
+        """engine.backward, with DeepSpeed's ZeRO-0 all-reduce switched off when every rank holds the gradient."""
+        if reduce:
+            self.engine.backward(handover)
+            return
+        self.engine.enable_backward_allreduce = False
+        try:
+            self.engine.backward(handover)
+        finally:
+            self.engine.enable_backward_allreduce = True
+
+    def _track(self, tensors, reduction: TaskReduction, head_grads: dict[str, list[torch.Tensor]]) -> None:
+        held = [t for t in tensors if t is not None] + reduction.held_tensors() + [
+            g for grads in head_grads.values() for g in grads]
+        self.peak_gradient_bytes = max(self.peak_gradient_bytes, gradient_bytes(held))
+
+
+class _HandOver(torch.autograd.Function):
+    """A zero-valued surrogate whose backward hands each parameter a given gradient tensor.
+
+    engine.backward on it routes an exact gradient through DeepSpeed (its reduction, ZeRO partitioning,
+    clipping) like any loss. Autograd adopts the given tensors as .grad without copying them when nothing
+    else references them, so the update's views become the .grad of the encoder's parameters.
+    """
+
+    @staticmethod
+    def forward(ctx, grads: list[torch.Tensor], *params: torch.Tensor) -> torch.Tensor:
+        ctx.grads = grads
+        return params[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grads, ctx.grads = ctx.grads, None
+        out = (None, *grads)
+        grads.clear()  # the autograd engine holds the only references, so it adopts them
+        return out
+
+
+def gradient_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one buffer count once)."""
+    storages = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _views(flat: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """Consecutive slices of a flat buffer shaped like each parameter (no copies)."""
+    views, offset = [], 0
+    for p in params:
+        views.append(flat[offset: offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return views
+
+
+def _accumulate(head_grads: dict[str, list[torch.Tensor]], task: str, grads: list[torch.Tensor]) -> None:
+    previous = head_grads.get(task)
+    if previous is None:
+        head_grads[task] = grads
+    else:
+        for acc, g in zip(previous, grads):
+            acc.add_(g)
 
 
 def _dense(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(param) if grad is None else grad
-
-
-def _surrogate(params, flat: torch.Tensor) -> torch.Tensor:
-    """Σ_p ⟨p, c_p⟩: its gradient with respect to each p is exactly c_p."""
-    total, offset = 0.0, 0
-    for p in params:
-        chunk = flat[offset: offset + p.numel()].view_as(p).to(p.dtype)
-        total = total + (p * chunk).sum()
-        offset += p.numel()
-    return total
 
 
 def _fmt(losses) -> str:

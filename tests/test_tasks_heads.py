@@ -119,8 +119,8 @@ def test_cosine_score_spans_the_label_range():
     head = CosineScoreHead(0.0, 5.0)
     u = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
     v = torch.tensor([[2.0, 0.0], [-3.0, 0.0], [0.0, 4.0]])  # cos 1, -1, 0
-    assert head(u, v).tolist() == pytest.approx([5.0, 0.0, 2.5])
-    assert list(head.parameters()) == []
+    assert head(u, v).tolist() == pytest.approx([5.0, -5.0, 0.0])  # starts at 0 + cos · 5
+    assert [p.shape for p in head.parameters()] == [torch.Size([1]), torch.Size([1])]
 
 
 def test_cosine_logit_is_learnable_scale_and_bias():
@@ -153,9 +153,9 @@ def test_parameters_split_into_shared_encoder_and_per_task_heads():
     model = _model(tasks)
     shared = {id(p) for p in model.shared_parameters()}
     per_task = {name: {id(p) for p in model.task_parameters(name)} for name in tasks}
-    assert per_task["sts"] == set()  # the cosine score has no weights
-    assert shared.isdisjoint(per_task["sst"]) and shared.isdisjoint(per_task["qqp"])
-    assert shared | per_task["sst"] | per_task["qqp"] == {id(p) for p in model.parameters()}
+    assert len(per_task["sts"]) == 2  # the cosine score's scale and bias
+    assert shared.isdisjoint(per_task["sst"]) and shared.isdisjoint(per_task["qqp"]) and shared.isdisjoint(per_task["sts"])
+    assert shared | per_task["sst"] | per_task["qqp"] | per_task["sts"] == {id(p) for p in model.parameters()}
     model.loss("qqp", model("qqp", _batch("bi")), torch.tensor([0.0, 1.0, 1.0])).backward()
     assert all(p.grad is None for p in model.task_parameters("sst"))
     assert all(p.grad is not None for p in model.task_parameters("qqp"))

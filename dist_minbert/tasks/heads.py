@@ -51,15 +51,20 @@ class BiMLPHead(nn.Module):
 
 
 class CosineScoreHead(nn.Module):
-    """Cosine of the pair mapped linearly onto the label range: lo + (cos + 1) / 2 · (hi − lo); no parameters."""
+    """Score = scale · cos + bias, starting at lo + cos · (hi − lo) (SBERT's cosine target: cos 0 → lo, 1 → hi).
+
+    The map is learnable so that fitting the label range is the head's job: with a fixed map the
+    encoder itself must bend every pair's cosine onto it, which measurably cost a pretrained
+    sentence encoder STS correlation here (Pearson is blind to the affine map the head learns).
+    """
 
     def __init__(self, lo: float, hi: float) -> None:
         super().__init__()
-        self.lo, self.hi = lo, hi
+        self.scale = nn.Parameter(torch.tensor([hi - lo]))  # (1,): DeepSpeed cannot broadcast 0-d parameters
+        self.bias = nn.Parameter(torch.tensor([lo]))
 
     def forward(self, u: Tensor, v: Tensor) -> Tensor:
-        cos = F.cosine_similarity(u, v, dim=-1)  # (B,)
-        return self.lo + (cos + 1.0) / 2.0 * (self.hi - self.lo)
+        return self.scale * F.cosine_similarity(u, v, dim=-1) + self.bias  # (B,)
 
 
 class CosineLogitHead(nn.Module):

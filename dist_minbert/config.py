@@ -14,6 +14,7 @@ import yaml
 
 from dist_minbert.config_loader import ConfigError, apply_override, build, parse_override, to_plain
 from dist_minbert.data.config import DataConfig, ScheduleConfig
+from dist_minbert.engine.checkpointing import CheckpointConfig
 from dist_minbert.engine.config import DeepSpeedConfig, OptimConfig, TrainConfig, WorkersConfig
 from dist_minbert.model.config import ModelConfig
 from dist_minbert.observe.config import ObserveConfig
@@ -39,6 +40,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     observe: ObserveConfig = field(default_factory=ObserveConfig)
 
     def __post_init__(self) -> None:

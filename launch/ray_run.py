@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from dist_minbert.config import RunConfig
@@ -28,7 +29,7 @@ def connect(address: str, num_cpus: int | None = None) -> None:
 
 def run_training(cfg: RunConfig) -> dict:
     """Fit on Ray Train; returns the run's summary.json (written by rank 0)."""
-    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig as RayCheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     connect(cfg.workers.address)
@@ -41,8 +42,11 @@ def run_training(cfg: RunConfig) -> dict:
         scaling_config=ScalingConfig(num_workers=cfg.workers.num_workers, use_gpu=cfg.workers.use_gpu,
                                      resources_per_worker={"CPU": cfg.workers.cpus_per_worker}),
         run_config=RayRunConfig(
-            name="ray_train", storage_path=str(out),
+            # One Ray run per launch: Ray Train would otherwise restore an earlier launch's reported checkpoints
+            # into this one; continuing a run is what `--resume` says, restarts within a launch are Ray's.
+            name=f"ray_train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=str(out),
             failure_config=FailureConfig(max_failures=cfg.workers.max_failures),
+            checkpoint_config=RayCheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}}),
     )
     trainer.fit()

@@ -1,10 +1,25 @@
-"""The function each Ray Train worker runs: typed config on the first line, then the plain trainer."""
+"""The function each Ray Train worker runs: typed config on the first line, then the plain trainer.
+
+Checkpoints reach Ray Train as pointers: the trainer writes them (atomically) into the run's own
+checkpoints/ folder on storage every worker shares, and rank 0 reports a one-file checkpoint that names
+that folder, so Ray copies a few bytes instead of the model and optimizer. After a worker dies, Ray
+Train restarts the group (FailureConfig), and the restarted workers continue from the run's newest
+complete checkpoint.
+"""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
+from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
+
+POINTER = "dist_minbert_checkpoint.json"  # the file of a reported checkpoint: {"path": <checkpoint folder>}
+STARTED = "dist_minbert_started"  # in this launch's Ray folder: the workers have started once
 
 
 def threads_for(cpus_per_worker: float, threads_per_worker: int) -> int:
@@ -21,6 +36,7 @@ def train_worker(loop_config: dict) -> None:
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg.checkpoint.resume = _resume_point(cfg)
     if cfg.workers.use_gpu:
         import ray.train.torch
 
@@ -29,9 +45,43 @@ def train_worker(loop_config: dict) -> None:
     trainer.fit()
 
 
-def _report_to_ray(metrics: dict) -> None:
+def _resume_point(cfg) -> str:
+    """`checkpoint.resume` on the first start; "latest" when Ray Train restarted the workers after a failure
+    and the run has written a checkpoint since.
+
+    Not `ray.train.get_checkpoint()`: Ray's controller collects reports by polling (every 2 s), so the last
+    checkpoint a dying worker reported can be missing there, and a restart would redo steps or start over;
+    the run's own `latest` pointer is never older. A marker in this launch's Ray folder tells a restart from
+    the first start; rank 0 decides for every rank.
+    """
+    import ray.train
+    from ray.train.collective import broadcast_from_rank_zero
+
+    from dist_minbert.engine.checkpointing import CHECKPOINTS_DIR, LATEST, latest_checkpoint
+
+    context = ray.train.get_context()
+    resume = None
+    if context.get_world_rank() == 0:
+        out = Path(cfg.train.output_dir)
+        marker = out / context.get_experiment_name() / STARTED
+        restarted = marker.exists()
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        resume = LATEST if restarted and latest_checkpoint(out / CHECKPOINTS_DIR) else cfg.checkpoint.resume
+        if restarted:
+            log.warning("restarted after a failure; resuming from %s", resume or "the start")
+    return broadcast_from_rank_zero(resume)
+
+
+def _report_to_ray(metrics: dict, checkpoint_folder: Path) -> None:
+    """Every rank reports (Ray Train's report is a barrier); rank 0 attaches the pointer checkpoint."""
     import ray.train
 
-    flat = {"epoch": metrics["epoch"], "step": metrics["step"], "score": metrics["score"]}
-    flat.update({f"dev/{t}/{m}": v for t, ms in metrics["dev"].items() for m, v in ms.items()})
-    ray.train.report(flat)
+    flat = {k: metrics[k] for k in ("epoch", "step", "score") if k in metrics}
+    flat.update({f"dev/{t}/{m}": v for t, ms in metrics.get("dev", {}).items() for m, v in ms.items()})
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(flat)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / POINTER).write_text(json.dumps({"path": str(checkpoint_folder.resolve())}))
+        ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(folder))

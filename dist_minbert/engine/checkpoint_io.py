@@ -7,19 +7,22 @@ import torch
 import yaml
 
 from dist_minbert.config import RunConfig, config_from_dict
+from dist_minbert.engine.checkpointing import BEST, CHECKPOINTS_DIR, RUN_CONFIG, latest_checkpoint
 from dist_minbert.model.checkpoint import load_encoder
 from dist_minbert.tasks.multitask import MultitaskModel
 
-RUN_CONFIG = "run_config.yaml"
-
 
 def _checkpoint_folder(path: str | Path) -> Path:
-    """A tag folder (…/checkpoints/best), or a run folder / checkpoints folder whose best tag is meant."""
+    """A tag folder (…/checkpoints/step-00000040, …/checkpoints/best), or a run folder / checkpoints folder:
+    its best checkpoint, else its latest (a run stopped before its first evaluation has no best)."""
     path = Path(path)
-    for candidate in (path, path / "best", path / "checkpoints" / "best"):
-        if (candidate / RUN_CONFIG).exists():
+    candidates = [path, path / BEST, path / CHECKPOINTS_DIR / BEST, latest_checkpoint(path),
+                  latest_checkpoint(path / CHECKPOINTS_DIR)]
+    for candidate in candidates:
+        if candidate is not None and (candidate / RUN_CONFIG).exists():
             return candidate
-    raise FileNotFoundError(f"{path}: no checkpoint here (expected {RUN_CONFIG} in it, in best/ or in checkpoints/best/)")
+    raise FileNotFoundError(f"{path}: no checkpoint here (expected {RUN_CONFIG} in it, in best/ or checkpoints/best/, "
+                            f"or a step-* checkpoint in it or in checkpoints/)")
 
 
 def load_module_state(tag_dir: Path) -> dict[str, torch.Tensor]:

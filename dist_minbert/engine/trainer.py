@@ -10,7 +10,7 @@ import math
 import time
 import zlib
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +22,7 @@ from dist_minbert.config import RunConfig, save_config
 from dist_minbert.data.collate import collate
 from dist_minbert.data.schedule import sampling_probabilities, steps_in_epoch, tasks_for_step
 from dist_minbert.data.stream import TaskStream
+from dist_minbert.engine import checkpointing
 from dist_minbert.engine.checkpoint_io import RUN_CONFIG
 from dist_minbert.engine.deepspeed_engine import build_engine
 from dist_minbert.engine.step_gradients import NonFiniteStep, SummedGradients, SurgeryGradients
@@ -43,7 +44,7 @@ from dist_minbert.tasks.readers import write_rejects
 log = logging.getLogger(__name__)
 
 Metrics = dict[str, dict[str, float]]  # task → metric → value
-BEST_TAG = "best"
+BEST_TAG = checkpointing.BEST
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,8 @@ def task_seed(seed: int, task: str) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, ctx: DistContext, report: Callable[[dict], None] | None = None):
+    def __init__(self, cfg: RunConfig, ctx: DistContext, report: Callable[[dict, Path], None] | None = None):
+        """`report(metrics, checkpoint_folder)` is called on every rank after each checkpoint."""
         self.cfg, self.ctx, self.report = cfg, ctx, report
         self.is_main = ctx.rank == 0
         self.out = Path(cfg.train.output_dir)
@@ -100,6 +102,11 @@ class Trainer:
         self.logger = MetricsLogger(str(self.out / "tensorboard") if self.is_main and cfg.observe.tensorboard else None)
         if self.is_main:
             self._write_run_files()
+        if cfg.checkpoint.kill_at_step and not cfg.checkpoint.kill_rank < ctx.world_size:
+            raise ValueError(f"checkpoint.kill_rank: {cfg.checkpoint.kill_rank} is not a rank of the {ctx.world_size} "
+                             f"workers; allowed: 0 to {ctx.world_size - 1}")
+        self.dev_history = checkpointing.DevHistory()
+        self._resume(checkpointing.resolve_resume(cfg.checkpoint.resume, self.checkpoint_dir))
 
     # -- setup --------------------------------------------------------------------------------
     def _steps_in(self, epoch: int) -> int:
@@ -173,40 +180,39 @@ class Trainer:
         return self.model.loss(task, forward(task, batch), batch["labels"])
 
     def fit(self) -> dict:
-        cfg = self.cfg
+        cfg, history = self.cfg, self.dev_history
         run_start = time.perf_counter()
-        initial_dev = self.evaluate("dev")
-        best_dev, best_score, dev = None, -math.inf, initial_dev
-        self._log_dev(initial_dev)
+        if history.initial is None:  # a resumed run carries its dev history on
+            history.initial = history.last = self.evaluate("dev")
+            self._log_dev(history.initial)
         samples, train_s = 0, 0.0
         bar = progress_bar(self.total_steps, "train", enabled=self.is_main and cfg.observe.progress)
+        bar.update(self.global_step)
         window = _LossWindow()
-        for epoch in range(cfg.train.epochs):
-            for step in range(self.epoch_steps[epoch]):
-                if self.global_step >= self.total_steps:
-                    break
-                start = time.perf_counter()
-                losses = self.train_step(epoch, step)
-                elapsed = time.perf_counter() - start
-                step_samples = sum(self.batch_sizes[t] for t in losses)
-                samples, train_s = samples + step_samples, train_s + elapsed
-                window.add(losses, step_samples, elapsed)
-                bar.update(1)
-                if self.global_step % cfg.observe.log_every == 0 or self.global_step == self.total_steps:
-                    self._log_train(epoch, window.drain(self.ctx))
-            if cfg.train.eval_every_epoch or epoch == cfg.train.epochs - 1 or self.global_step >= self.total_steps:
+        for epoch, step in self.positions():
+            start = time.perf_counter()
+            losses = self.train_step(epoch, step)
+            elapsed = time.perf_counter() - start
+            step_samples = sum(self.batch_sizes[t] for t in losses)
+            samples, train_s = samples + step_samples, train_s + elapsed
+            window.add(losses, step_samples, elapsed)
+            bar.update(1)
+            if self.global_step % cfg.observe.log_every == 0 or self.global_step == self.total_steps:
+                self._log_train(epoch, window.drain(self.ctx))
+            checkpointing.inject_fault(cfg.checkpoint, self.global_step, self.ctx.rank, self.out)
+            last = self.global_step >= self.total_steps
+            epoch_end = step == self.epoch_steps[epoch] - 1 or last
+            if epoch_end and (cfg.train.eval_every_epoch or epoch == cfg.train.epochs - 1 or last):
                 dev = self.evaluate("dev")
                 self._log_dev(dev)
                 score = overall_score(dev) if dev else -math.inf
-                if best_dev is None or score > best_score:
-                    best_dev, best_score = dev, score
-                    self.save_checkpoint(BEST_TAG)
-                if self.report:
-                    self.report({"epoch": epoch, "step": self.global_step, "score": score, "dev": dev})
-            if self.global_step >= self.total_steps:
-                break
+                is_best = history.record(dev, score, checkpointing.step_tag(self.global_step))
+                self._checkpoint({"epoch": epoch, "step": self.global_step, "score": score, "dev": dev}, is_best)
+            elif epoch_end or (cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0):
+                self._checkpoint({"epoch": epoch, "step": self.global_step}, is_best=False)
         bar.close()
-        self.engine.load_checkpoint(str(self.checkpoint_dir), tag=BEST_TAG, load_module_only=True)
+        if (self.checkpoint_dir / BEST_TAG).exists():
+            self.engine.load_checkpoint(str(self.checkpoint_dir), tag=BEST_TAG, load_module_only=True)
         prediction_paths = self.write_predictions()
         summary = {
             "num_workers": self.ctx.world_size,
@@ -215,11 +221,11 @@ class Trainer:
             "samples_per_s": samples / train_s if train_s else 0.0,
             "train_s": train_s,
             "wall_s": time.perf_counter() - run_start,
-            "initial_dev": initial_dev,
-            "dev": dev,
-            "best_dev": best_dev,
-            "score": overall_score(dev) if dev else None,
-            "best_score": best_score if dev else None,
+            "initial_dev": history.initial,
+            "dev": history.last,
+            "best_dev": history.best,
+            "score": overall_score(history.last) if history.last else None,
+            "best_score": history.best_score if history.last else None,
             "truncated_rows": dict(self.num_truncated),
             "paths": {"output_dir": str(self.out), "tensorboard": str(self.out / "tensorboard"),
                       "checkpoint": str(self.checkpoint_dir / BEST_TAG), "predictions": prediction_paths,
@@ -233,13 +239,49 @@ class Trainer:
     # -- evaluation and predictions -----------------------------------------------------------
     @property
     def checkpoint_dir(self) -> Path:
-        return self.out / "checkpoints"
+        return self.out / checkpointing.CHECKPOINTS_DIR
 
-    def save_checkpoint(self, tag: str) -> None:
-        state = {"global_step": self.global_step, "streams": {n: s.state_dict() for n, s in self.streams.items()}}
-        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=state)
+    def save_checkpoint(self, is_best: bool = False) -> Path:
+        """Checkpoint the state after `global_step` on every rank (collective); returns its folder."""
+        state = {"version": checkpointing.STATE_VERSION, "global_step": self.global_step,
+                 "world_size": self.ctx.world_size, "streams": {n: s.state_dict() for n, s in self.streams.items()},
+                 "dev_history": asdict(self.dev_history)}
+        folder = checkpointing.save_checkpoint(
+            self.engine, self.checkpoint_dir, self.global_step, state, self.ctx.rank,
+            lambda temp: save_config(self.cfg, temp / RUN_CONFIG), self.cfg.checkpoint.keep_last, is_best)
+        self.logger.flush()  # the logged history is as durable as the state it leads to
+        return folder
+
+    def _checkpoint(self, metrics: dict, is_best: bool) -> None:
+        folder = self.save_checkpoint(is_best)
+        if self.report:
+            self.report(metrics, folder)
+
+    def _resume(self, tag_dir: Path | None) -> None:
+        """Continue from `tag_dir`: engine state, stream positions, step, RNG and dev history. Collective.
+
+        Then rank 0 makes the checkpoint folder this run's linear history (checkpoints past the start go).
+        """
+        if tag_dir is not None:
+            checkpointing.check_resumable(tag_dir, self.cfg.deepspeed.zero_stage, list(self.cfg.tasks))
+            state = checkpointing.load_checkpoint(self.engine, tag_dir, self.ctx.rank, self.ctx.world_size,
+                                                  self.checkpoint_dir)
+            for name, stream in self.streams.items():
+                try:
+                    stream.load_state_dict(state["streams"][name])
+                except ValueError as exc:
+                    raise ValueError(f"{tag_dir}: tasks.{name}: {exc}") from None
+            self.global_step = state["global_step"]
+            self.dev_history = checkpointing.DevHistory(**state["dev_history"])
+            checkpointing.restore_or_reseed_rng(tag_dir, self.ctx.rank, state["world_size"] == self.ctx.world_size,
+                                                self.cfg.train.seed)
+            if self.is_main:
+                log.info("resumed from %s at step %d (written by %d workers, now %d)", tag_dir, self.global_step,
+                         state["world_size"], self.ctx.world_size)
         if self.is_main:
-            save_config(self.cfg, self.checkpoint_dir / tag / RUN_CONFIG)
+            best = self.dev_history.best_tag
+            checkpointing.begin_history(self.checkpoint_dir, self.global_step, tag_dir,
+                                        tag_dir.parent / best if tag_dir and best else None)
 
     def _predict_split(self, split: str) -> dict[str, tuple[np.ndarray, dict[str, list]]]:
         """task → (predictions of all rows in file order, the rows' ids/labels) on rank 0; {} elsewhere.

@@ -281,6 +281,22 @@ def test_rng_states_round_trip():
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
 
 
+def test_rng_resume_restores_the_rank_and_reseeds_on_another_world_size(tmp_path):
+    import torch
+
+    torch.manual_seed(5)
+    torch.save(checkpointing.capture_rng(), tmp_path / checkpointing.rng_file(1))
+    expected = torch.rand(3)
+    checkpointing.restore_or_reseed_rng(tmp_path, 1, same_world=True, seed=7, step=8)
+    assert torch.equal(torch.rand(3), expected)
+    draws = []
+    for rank in (0, 1, 1):  # no saved state for the new topology: a function of (seed, rank, step)
+        checkpointing.restore_or_reseed_rng(tmp_path, rank, same_world=False, seed=7, step=8)
+        draws.append(torch.rand(3))
+    assert torch.equal(draws[1], draws[2]) and not torch.equal(draws[0], draws[1])
+    assert not torch.equal(draws[1], expected)
+
+
 def test_fault_injection_kills_once(tmp_path):
     """The worker dies by SIGKILL after the configured step, and a replay of that step passes (the marker)."""
     script = ("import sys\nfrom pathlib import Path\n"

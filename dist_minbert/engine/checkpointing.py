@@ -245,7 +245,7 @@ def _fsync_tree(folder: Path) -> None:
 
 # -- reading -----------------------------------------------------------------------------------------
 def check_resumable(tag_dir: Path, zero_stage: int, tasks: list[str]) -> None:
-    """Refuse what loading would get silently wrong: DeepSpeed does not check either."""
+    """Refuse the resumes DeepSpeed would load without a complaint, and wrongly."""
     saved = yaml.safe_load((tag_dir / RUN_CONFIG).read_text())
     saved_stage = saved["deepspeed"]["zero_stage"]
     if saved_stage != zero_stage:  # a ZeRO-0 engine skips ZeRO-1/2 optimizer partitions, and the reverse
@@ -347,7 +347,7 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def restore_or_reseed_rng(tag_dir: Path, rank: int, same_world: bool, seed: int) -> None:
+def restore_or_reseed_rng(tag_dir: Path, rank: int, same_world: bool, seed: int, step: int) -> None:
     """This rank's saved generators; on another number of workers ranks have no saved state to take over,
     so every rank reseeds from (seed, rank, step) — dropout masks differ from the old run from here on."""
     import numpy as np
@@ -357,7 +357,6 @@ def restore_or_reseed_rng(tag_dir: Path, rank: int, same_world: bool, seed: int)
     if same_world and path.is_file():
         restore_rng(torch.load(path, map_location="cpu", weights_only=False))
         return
-    step = tag_step(tag_dir) or 0
     reseed = (seed * 1_000_003 + rank * 7_919 + step) % 2**31
     torch.manual_seed(reseed)
     np.random.seed(reseed)

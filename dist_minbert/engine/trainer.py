@@ -274,7 +274,7 @@ class Trainer:
             self.global_step = state["global_step"]
             self.dev_history = checkpointing.DevHistory(**state["dev_history"])
             checkpointing.restore_or_reseed_rng(tag_dir, self.ctx.rank, state["world_size"] == self.ctx.world_size,
-                                                self.cfg.train.seed)
+                                                self.cfg.train.seed, self.global_step)
             if self.is_main:
                 log.info("resumed from %s at step %d (written by %d workers, now %d)", tag_dir, self.global_step,
                          state["world_size"], self.ctx.world_size)

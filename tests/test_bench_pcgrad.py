@@ -45,7 +45,7 @@ def test_report_has_every_key_with_sane_values(bench) -> None:
     for group in ("1w", "2w"):
         for mode in ("sum", "pcgrad"):
             run = bench["workers"][group]["runs"][mode]
-            assert len(run["step_s_all"]) == 2 and run["step_s"] > 0 and run["cpu_s"] > 0
+            assert len(run["step_s_all"]) == len(run["cpu_s_all"]) == 2 and run["step_s"] > 0 and run["cpu_s"] > 0
 
 
 def test_num_params_is_the_tiny_encoders(bench, tiny_checkpoint) -> None:

@@ -97,7 +97,7 @@ class SurgeryGradients:
         self.peak_gradient_bytes = 0  # most bytes of gradient buffers (.grad, task rows, shards) held at once
 
     def run(self, micro_batches, loss_of, weights: dict[str, float], step: int) -> StepOutcome:
-        """`micro_batches`: list of {task: batch}, the same tasks on every rank; `loss_of(task, batch)` → mean loss."""
+        """`micro_batches`: list of {task: batch}, the same tasks on every rank; `loss_of(task, batch)`: mean loss."""
         local_counts = torch.tensor([sum(len(b[task]["labels"]) for b in micro_batches if task in b)
                                      for task in self.tasks], dtype=torch.int64)
         reduction = TaskReduction(local_counts, self.num_shared, self.cfg, self.comm, dtype=self.dtype,
@@ -161,8 +161,8 @@ class SurgeryGradients:
 
     def _grad_into_row(self, loss: torch.Tensor, task: str, reduction: TaskReduction, first: bool,
                        head_grads: dict[str, list[torch.Tensor]]) -> list[torch.Tensor]:
-        """ZeRO 1/2: torch.autograd.grad fires none of ZeRO's reduction hooks; its outputs are copied (first
-        micro-batch) or added into the task's row, each dropped as soon as it is written."""
+        """ZeRO 1/2 (and bf16 parameters): torch.autograd.grad fires none of ZeRO's reduction hooks; its outputs
+        are copied (first micro-batch) or added into the task's row, each dropped as soon as it is written."""
         head = self.model.task_parameters(task)
         grads = list(torch.autograd.grad(loss, self.shared + head, allow_unused=True))
         self._track(grads, reduction, head_grads)

@@ -155,7 +155,7 @@ class TaskReduction:
             pending.wait()
         self._pending.clear()
         # Buffers whose reduce-scatter has ended and whose task is done are released.
-        self._padded = [b if b is not None and self._rows[t] is not None else None for t, b in enumerate(self._padded)]
+        self._padded = [buffer if self._rows[t] is not None else None for t, buffer in enumerate(self._padded)]
 
     # -- result ----------------------------------------------------------------------------------
     def finish(self, generator: torch.Generator) -> SurgeryResult:
@@ -172,9 +172,8 @@ class TaskReduction:
         if self.plan is None:  # pcgrad_local, or exact mode on one rank (its rows are the global gradients)
             gram = gram_matrix(self._rows)
         elif self.plan == "allreduce":
-            for t in self.present:
-                self._rows[t] /= self.world_size  # ḡ_t
-            gram = gram_matrix(self._rows)
+            # The rows hold N·ḡ_t; the 1/N is folded into the T×T Gram matrix and the T weights, not the T×P rows.
+            gram = gram_matrix(self._rows) / self.world_size**2
         else:
             self._shards /= self.world_size  # this rank's 1/N of every ḡ_t
             gram = gram_matrix([self._shards[t] if t in self.present else None for t in range(len(self._rows))])
@@ -183,7 +182,8 @@ class TaskReduction:
         stats = surgery_stats(gram, weights)
         if self.gather_update:
             return self._result(self._gathered_update(weights), stats, True)
-        return self._result(combine(weights, self._rows, out=self._first_row()), stats, self._rows_are_global)
+        row_weights = weights / self.world_size if self.plan == "allreduce" else weights
+        return self._result(combine(row_weights, self._rows, out=self._first_row()), stats, self._rows_are_global)
 
     def _gathered_update(self, weights: Tensor) -> Tensor:
         """wᵀḡ: this rank's shard of it from its shards, then one all-gather (1/2 unit) into the staging row."""

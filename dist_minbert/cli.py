@@ -62,10 +62,9 @@ def _load_quietly(checkpoint: str):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dist_minbert.engine.inference import evaluate_file
-    from dist_minbert.engine.task_inputs import split_path
 
     cfg, model = _load_quietly(args.checkpoint)
-    files = _task_files(args.files) or [(t, split_path(cfg.data.root, s.dev)) for t, s in cfg.tasks.items() if s.dev]
+    files = _task_files(args.files) or [(t, cfg.data.resolve(s.dev)) for t, s in cfg.tasks.items() if s.dev]
     results = {task: evaluate_file(model, cfg, task, path, labelled=True)[2] for task, path in files}
     print(json.dumps(results, indent=2))
     return 0
@@ -95,6 +94,51 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Task files of a config → shards at data.shards; or one corpus file → shards at --out."""
+    import dataclasses
+
+    from dist_minbert.config import load_config
+    from dist_minbert.data.prepare import prepare_corpus, prepare_tasks
+    from dist_minbert.engine.task_inputs import shards_root
+    from dist_minbert.model.tokenizer import WordPieceTokenizer
+
+    overrides = list(args.overrides)
+    if args.max_reject_fraction is not None:
+        overrides.append(f"data.max_reject_fraction={args.max_reject_fraction}")
+    cfg = load_config(args.config, overrides)
+    tokenizer = WordPieceTokenizer.from_checkpoint(cfg.model.checkpoint)
+    if args.corpus:
+        if not args.out:
+            raise ConfigError("prepare --corpus needs --out (where to write the corpus shards)")
+        manifest = prepare_corpus(args.corpus, args.out, tokenizer, cfg.model.max_length, cfg.data)
+        print(f"{args.corpus}: {manifest.num_rows} rows in {len(manifest.shards)} shards at {args.out} "
+              f"({manifest.rejects['count']} rejected)")
+        return 0
+    data = dataclasses.replace(cfg.data, shards=shards_root(cfg.data, cfg.train.output_dir))
+    for task, manifests in prepare_tasks(cfg.tasks, data, tokenizer, cfg.model.max_length).items():
+        for split, manifest in manifests.items():
+            print(f"{task}/{split}: {manifest.num_rows} rows, {manifest.rejects['count']} rejected "
+                  f"{manifest.rejects['by_reason'] or ''} → {data.shards}/{task}/{split}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import tempfile
+
+    if args.what == "data":
+        from dist_minbert.data.bench import run_data_benchmark
+
+        with tempfile.TemporaryDirectory() as work_dir:
+            report = run_data_benchmark(work_dir, num_lines=args.lines)
+    else:
+        from dist_minbert.bench.pcgrad import run_pcgrad_benchmark
+
+        report = run_pcgrad_benchmark()
+    print(json.dumps(report, indent=None if args.json else 2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-minbert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +161,20 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("files", nargs="+", help="TASK=FILE (labels not needed)")
     predict.add_argument("--out", required=True, help="folder for the <task>-<file>-output.csv files")
     predict.set_defaults(func=cmd_predict)
+
+    prepare = sub.add_parser("prepare", help="tokenize task files (or a corpus) into Arrow shards + manifest")
+    prepare.add_argument("--config", required=True, help="the tasks, tokenizer and data.shards to prepare for")
+    prepare.add_argument("--corpus", help="a one-sentence-per-line file (any fsspec URL) instead of the tasks")
+    prepare.add_argument("--out", help="shards folder (fsspec URL) for --corpus")
+    prepare.add_argument("--max-reject-fraction", type=float, help="fail past this fraction of rejected rows")
+    prepare.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    prepare.set_defaults(func=cmd_prepare)
+
+    bench = sub.add_parser("bench", help="benchmarks: figures measured side by side, as one JSON object")
+    bench.add_argument("what", choices=["data", "pcgrad"])
+    bench.add_argument("--json", action="store_true", help="one line of JSON")
+    bench.add_argument("--lines", type=int, default=1_000_000, help="bench data: corpus lines to generate")
+    bench.set_defaults(func=cmd_bench)
 
     export = sub.add_parser("export", help="write a Hugging Face BERT folder (AutoModel.from_pretrained loads it)")
     export.add_argument("checkpoint")

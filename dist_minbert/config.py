@@ -109,6 +109,8 @@ def _resolve_paths(cfg: RunConfig, base: Path) -> None:
     """Local relative paths → absolute, so Ray workers (whose cwd differs) read the same files."""
     if _is_local(cfg.data.root):
         cfg.data.root = str((base / cfg.data.root).resolve())
+    if _is_local(cfg.data.shards):
+        cfg.data.shards = str((base / cfg.data.shards).resolve())
     if _is_local(cfg.train.output_dir):
         cfg.train.output_dir = str((base / cfg.train.output_dir).resolve())
     if _is_local(cfg.model.checkpoint) and cfg.model.checkpoint != "embedded":
@@ -125,6 +127,7 @@ def config_from_dict(raw: dict, base_dir: str | os.PathLike | None = None) -> Ru
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
     raw = _read_yaml(Path(path).resolve()) if path else {}
+    raw.setdefault("tasks", {name: {} for name in BUILTIN_TASKS})  # so `tasks.sts.head=…` keeps sst and qqp
     for text in overrides:
         apply_override(raw, *parse_override(text))
     return config_from_dict(raw, base_dir=Path.cwd())

@@ -24,7 +24,8 @@ def connect(address: str, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+        # "local": always a new instance of our own, never a stray `ray start` cluster found on the machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
 
 
 def run_training(cfg: RunConfig) -> dict:
@@ -49,5 +50,9 @@ def run_training(cfg: RunConfig) -> dict:
             checkpoint_config=RayCheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}}),
     )
+    started = time.perf_counter()
     trainer.fit()
-    return json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    summary["job_wall_s"] = time.perf_counter() - started  # the whole job as the user waits for it
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

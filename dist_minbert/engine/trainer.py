@@ -27,7 +27,7 @@ from dist_minbert.engine.checkpoint_io import RUN_CONFIG
 from dist_minbert.engine.deepspeed_engine import build_engine
 from dist_minbert.engine.step_gradients import NonFiniteStep, SummedGradients, SurgeryGradients
 from dist_minbert.engine.inference import predict_rows
-from dist_minbert.engine.task_inputs import load_task_splits
+from dist_minbert.engine.task_inputs import load_task_splits, merge_rejects
 from dist_minbert.model.checkpoint import load_encoder
 from dist_minbert.model.tokenizer import WordPieceTokenizer
 from dist_minbert.observe.metrics_logger import MetricsLogger
@@ -39,7 +39,6 @@ from dist_minbert.tasks.config import encoding_for
 from dist_minbert.tasks.metrics import compute_metrics, overall_score
 from dist_minbert.tasks.multitask import MultitaskModel
 from dist_minbert.tasks.predictions import write_predictions
-from dist_minbert.tasks.readers import write_rejects
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +59,11 @@ class DistContext:
         return cls(rank, world, device)
 
 
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def task_seed(seed: int, task: str) -> int:
     """Each task's sample order gets its own seed, stable under renaming of other tasks."""
     return (seed * 1_000_003 + zlib.crc32(task.encode())) % 2**31
@@ -68,14 +72,16 @@ def task_seed(seed: int, task: str) -> int:
 class Trainer:
     def __init__(self, cfg: RunConfig, ctx: DistContext, report: Callable[[dict, Path], None] | None = None):
         """`report(metrics, checkpoint_folder)` is called on every rank after each checkpoint."""
+        self.started = time.perf_counter()
         self.cfg, self.ctx, self.report = cfg, ctx, report
         self.is_main = ctx.rank == 0
         self.out = Path(cfg.train.output_dir)
         self.tokenizer = WordPieceTokenizer.from_checkpoint(cfg.model.checkpoint)
-        self.inputs = load_task_splits(cfg.tasks, cfg.data, self.tokenizer, cfg.model.max_length)
+        self.inputs = load_task_splits(cfg.tasks, cfg.data, self.tokenizer, cfg.model.max_length,
+                                       str(self.out), self.is_main, _barrier)
         self.streams = {
             name: TaskStream(splits.sources["train"], task_seed(cfg.train.seed, name), ctx.world_size, ctx.rank,
-                             cfg.data.shuffle_block_rows)
+                             length_group_rows=cfg.data.length_group_rows)
             for name, splits in self.inputs.items()}
         self.sizes = {name: len(s.source) for name, s in self.streams.items()}
         self.batch_sizes = {name: task.batch_size for name, task in cfg.tasks.items()}
@@ -115,14 +121,14 @@ class Trainer:
     def _write_run_files(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.out / "config.yaml")
-        rejects = [r for splits in self.inputs.values() for r in splits.rejects]
-        write_rejects(rejects, str(self.out / "rejects.tsv"))
-        if rejects:
-            log.warning("%d malformed rows rejected; see %s", len(rejects), self.out / "rejects.tsv")
+        num_rejects = merge_rejects([f for splits in self.inputs.values() for f in splits.rejects_files],
+                                    str(self.out / "rejects.tsv"))
+        if num_rejects:
+            log.warning("%d malformed rows rejected; see %s", num_rejects, self.out / "rejects.tsv")
 
     # -- training -----------------------------------------------------------------------------
     def _batch(self, task: str, global_batch_size: int) -> dict[str, torch.Tensor]:
-        rows = self.streams[task].next_batch(global_batch_size)
+        rows = self.streams[task].next_table(global_batch_size)
         batch = self._collate(task, rows)
         return {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
 
@@ -181,7 +187,6 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, history = self.cfg, self.dev_history
-        run_start = time.perf_counter()
         if history.initial is None:  # a resumed run carries its dev history on
             history.initial = history.last = self.evaluate("dev")
             self._log_dev(history.initial)
@@ -220,7 +225,7 @@ class Trainer:
             "samples": samples,
             "samples_per_s": samples / train_s if train_s else 0.0,
             "train_s": train_s,
-            "wall_s": time.perf_counter() - run_start,
+            "wall_s": time.perf_counter() - self.started,  # this worker: data, engine, training, evaluation
             "initial_dev": history.initial,
             "dev": history.last,
             "best_dev": history.best,

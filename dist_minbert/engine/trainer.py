@@ -101,6 +101,7 @@ class Trainer:
         self.gradients = (SummedGradients(self.engine) if cfg.surgery.mode == "sum" else
                           SurgeryGradients(self.engine, self.model, cfg.surgery, cfg.train.seed, self.comm))
         self.num_skipped_in_a_row = 0
+        self._last_dev_predictions = self._best_dev_predictions = None  # rank 0's (predictions, rows) per task
         torch.manual_seed(cfg.train.seed + 1 + ctx.rank)  # distinct dropout masks per rank
         self.global_step = 0
         self.timers = StepTimers()
@@ -212,6 +213,8 @@ class Trainer:
                 self._log_dev(dev)
                 score = overall_score(dev) if dev else -math.inf
                 is_best = history.record(dev, score, checkpointing.step_tag(self.global_step))
+                if is_best:
+                    self._best_dev_predictions = self._last_dev_predictions  # {} on ranks other than 0
                 self._checkpoint({"epoch": epoch, "step": self.global_step, "score": score, "dev": dev}, is_best)
             elif epoch_end or (cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0):
                 self._checkpoint({"epoch": epoch, "step": self.global_step}, is_best=False)
@@ -316,6 +319,7 @@ class Trainer:
     def evaluate(self, split: str) -> Metrics:
         """Metrics of every labelled task on `split`, identical on all ranks."""
         results = self._predict_split(split)
+        self._last_dev_predictions = results if split == "dev" and not self.cfg.train.eval_max_rows else None
         metrics = [{name: compute_metrics(self.cfg.tasks[name], preds, np.asarray(meta["label"]))
                     for name, (preds, meta) in results.items()} if self.is_main else None]
         dist.broadcast_object_list(metrics, src=0)
@@ -324,7 +328,9 @@ class Trainer:
     def write_predictions(self) -> dict[str, str]:
         paths = {}
         for split in self.cfg.train.predict_splits or ["dev", "test"]:
-            for name, (preds, meta) in self._predict_split(split).items():
+            # The best evaluation's dev predictions are those of the weights just loaded: no second pass.
+            cached = self._best_dev_predictions if split == "dev" else None
+            for name, (preds, meta) in (cached if cached is not None else self._predict_split(split)).items():
                 path = self.out / "predictions" / f"{name}-{split}-output.csv"
                 if self.is_main:
                     path.parent.mkdir(parents=True, exist_ok=True)

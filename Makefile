@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch on machines without CUDA; a GPU node keeps its CUDA build.
 TORCH_PIN := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test clean
 
 install: $(STAMP)
 

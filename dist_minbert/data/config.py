@@ -21,7 +21,7 @@ class DataConfig:
     shuffle_block_rows: int = 4096
     # Sort windows of this many consecutive positions by length so batches pad less (0 = off).
     length_group_rows: int = 0
-    # Folder (fsspec URL) of prepared shards, {shards}/{task}/{split}; "" = tokenize the task files in memory.
+    # Folder (fsspec URL) of prepared shards, {shards}/{task}/{split}; "" = <output_dir>/shards.
     shards: str = ""
     # Rows per shard file written by prepare (a multiple of shuffle_block_rows).
     shard_rows: int = 65536

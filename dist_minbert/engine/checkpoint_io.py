@@ -40,5 +40,8 @@ def load_trained_model(path: str | Path) -> tuple[RunConfig, MultitaskModel]:
     tag_dir = _checkpoint_folder(path)
     cfg = config_from_dict(yaml.safe_load((tag_dir / RUN_CONFIG).read_text()))
     model = MultitaskModel(load_encoder(cfg.model.checkpoint, dropout=0.0), cfg.tasks, cfg.model.pooling)
-    model.load_state_dict(load_module_state(tag_dir))
+    try:
+        model.load_state_dict(load_module_state(tag_dir))
+    except RuntimeError as exc:  # parameter names or shapes differ from what this version of the model builds
+        raise ValueError(f"{tag_dir}: the checkpoint does not fit the model its run config describes: {exc}") from None
     return cfg, model.eval()

@@ -1,4 +1,4 @@
-"""MinBERT encoder: parity with transformers.BertModel, padding invariance, dropout override, configs."""
+"""MinBERT encoder: parity with transformers.BertModel (eval and training step), padding invariance, dropout, configs."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers
 
-from dist_minbert.model.bert import BertConfig, BertEncoder
-from dist_minbert.model.checkpoint import load_encoder, resolve_checkpoint
+from dist_minbert.model.bert import BertConfig, BertEncoder, BertOutput
+from dist_minbert.model.checkpoint import load_encoder, native_to_hf, resolve_checkpoint
 from dist_minbert.model.config import ModelConfig
 
 torch.set_num_threads(1)
@@ -76,6 +76,146 @@ def test_padding_does_not_change_real_token_outputs(encoder, batch):
     width = batch["input_ids"].size(1)
     assert (short.last_hidden_state[real] - long.last_hidden_state[:, :width][real]).abs().max() < 1e-5
     assert (short.pooler_output - long.pooler_output).abs().max() < 1e-5
+
+
+# The training path: train mode with autograd recording runs only the real tokens through the per-token layers.
+LOSS_LENGTH = 128  # positions covered by the fixed loss weights; longer than any batch below
+Grads = dict[str, torch.Tensor]  # parameter gradients under HF BertModel names
+
+
+@pytest.fixture(scope="module")
+def train_encoder() -> BertEncoder:
+    return load_encoder("embedded", dropout=0.0).train()
+
+
+@pytest.fixture(scope="module")
+def hf_train_model() -> transformers.BertModel:
+    """The reference in train mode with dropout 0: it computes every position, padding included."""
+    return transformers.BertModel.from_pretrained(
+        resolve_checkpoint("embedded"), attn_implementation="eager", hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    ).train()  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def loss_weights(train_encoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random per-position and pooler weights: a token placed in the wrong row or position changes the loss."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = train_encoder.config.hidden_size
+    return torch.randn(len(PAIRS), LOSS_LENGTH, hidden, generator=generator), torch.randn(hidden, generator=generator)
+
+
+def _loss(hidden, pooled, attention_mask, weights) -> torch.Tensor:
+    """Weighted mean over the real tokens of last_hidden_state, plus a weighted pooler output; padding reads as 0."""
+    token_weights, pooler_weights = weights
+    per_token = (hidden * token_weights[:, : hidden.size(1)]).sum(-1)  # (B, T)
+    mask = attention_mask.to(hidden.dtype)
+    return (per_token * mask).sum() / mask.sum() + (pooled * pooler_weights).sum()
+
+
+def _our_step(encoder: BertEncoder, batch, weights) -> tuple[BertOutput, Grads]:
+    encoder.zero_grad(set_to_none=True)
+    out = encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    _loss(*out, batch["attention_mask"], weights).backward()
+    missing = [name for name, p in encoder.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient reached {missing}"
+    grads = native_to_hf({name: p.grad for name, p in encoder.named_parameters()})
+    return BertOutput(*(t.detach() for t in out)), grads
+
+
+def _hf_step(model: transformers.BertModel, batch, weights) -> tuple[BertOutput, Grads]:
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    _loss(out.last_hidden_state, out.pooler_output, batch["attention_mask"], weights).backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return BertOutput(out.last_hidden_state.detach(), out.pooler_output.detach()), grads
+
+
+def _assert_outputs_match(ours: BertOutput, expected: BertOutput, attention_mask: torch.Tensor) -> None:
+    real = attention_mask.bool()
+    assert (ours.last_hidden_state[real] - expected.last_hidden_state[real]).abs().max() < 1e-5
+    assert (ours.pooler_output - expected.pooler_output).abs().max() < 1e-5
+
+
+def _assert_grads_match(ours: Grads, expected: Grads, rtol: float) -> None:
+    """Every gradient within rtol of the largest gradient entry of the reference."""
+    assert ours.keys() == expected.keys()
+    scale = max(g.abs().max().item() for g in expected.values())
+    error, name = max(((ours[k] - expected[k]).abs().max().item(), k) for k in expected)
+    assert error < rtol * scale, f"{name}: gradient differs by {error:.3g}, largest gradient {scale:.3g}"
+
+
+def _padded(batch: dict[str, torch.Tensor], extra: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    values = {"input_ids": pad_token_id, "attention_mask": 0, "token_type_ids": 0}
+    return {k: torch.nn.functional.pad(v, (0, extra), value=values[k]) for k, v in batch.items()}
+
+
+@pytest.fixture(scope="module")
+def training_steps(train_encoder, hf_train_model, batch, loss_weights):
+    """One forward + backward of each model on the padded batch: (ours, HF's), each (outputs, gradients)."""
+    return _our_step(train_encoder, batch, loss_weights), _hf_step(hf_train_model, batch, loss_weights)
+
+
+def test_training_step_outputs_match_transformers_and_padding_is_zero(training_steps, batch):
+    (ours, _), (expected, _) = training_steps
+    _assert_outputs_match(ours, expected, batch["attention_mask"])
+    padding = ~batch["attention_mask"].bool()
+    assert padding.sum() > 0 and torch.count_nonzero(ours.last_hidden_state[padding]) == 0  # skipped, never computed
+
+
+def test_training_step_gradients_match_transformers(training_steps):
+    (_, ours), (_, expected) = training_steps
+    _assert_grads_match(ours, expected, rtol=1e-4)
+
+
+def test_training_step_gradients_do_not_depend_on_padding_length(train_encoder, training_steps, batch, loss_weights):
+    (short, short_grads), (expected, expected_grads) = training_steps
+    long_batch = _padded(batch, extra=23, pad_token_id=train_encoder.config.pad_token_id)
+    long, long_grads = _our_step(train_encoder, long_batch, loss_weights)
+    width = batch["input_ids"].size(1)
+    long_cut = BertOutput(long.last_hidden_state[:, :width], long.pooler_output)
+    _assert_outputs_match(long_cut, short, batch["attention_mask"])
+    assert torch.count_nonzero(long.last_hidden_state[~long_batch["attention_mask"].bool()]) == 0
+    _assert_grads_match(long_grads, short_grads, rtol=1e-5)
+    # A packing error that is the same at both lengths passes the comparison above; BertModel catches it.
+    _assert_outputs_match(long_cut, expected, batch["attention_mask"])
+    _assert_grads_match(long_grads, expected_grads, rtol=1e-4)
+
+
+def _unpadded_batch(hf_tokenizer, batch) -> dict[str, torch.Tensor]:
+    """Every pair truncated to 12 tokens: not a single padding position, still two segments."""
+    a, b = zip(*PAIRS)
+    enc = hf_tokenizer(list(a), list(b), truncation=True, max_length=12, padding=True, return_tensors="pt")
+    assert enc["attention_mask"].all() and (enc["token_type_ids"] == 1).any()
+    return dict(enc)
+
+
+def _cls_only_row_batch(hf_tokenizer, batch) -> dict[str, torch.Tensor]:
+    """The padded batch with its middle row replaced by [CLS] and nothing but padding after it."""
+    edited = {k: v.clone() for k, v in batch.items()}
+    edited["input_ids"][1] = hf_tokenizer.pad_token_id
+    edited["input_ids"][1, 0] = hf_tokenizer.cls_token_id
+    edited["attention_mask"][1] = 0
+    edited["attention_mask"][1, 0] = 1
+    edited["token_type_ids"][1] = 0
+    return edited
+
+
+@pytest.mark.parametrize("make_batch", [_unpadded_batch, _cls_only_row_batch], ids=["no_padding", "cls_only_row"])
+def test_training_and_eval_paths_match_transformers_on_edge_batches(
+    train_encoder, hf_train_model, hf_tokenizer, batch, loss_weights, make_batch
+):
+    edge = make_batch(hf_tokenizer, batch)
+    expected, expected_grads = _hf_step(hf_train_model, edge, loss_weights)
+    try:
+        for mode in ("train", "eval"):  # skip padding / compute every position; both record gradients here
+            ours, grads = _our_step(getattr(train_encoder, mode)(), edge, loss_weights)
+            _assert_outputs_match(ours, expected, edge["attention_mask"])
+            _assert_grads_match(grads, expected_grads, rtol=1e-4)
+            if mode == "train":
+                assert torch.count_nonzero(ours.last_hidden_state[~edge["attention_mask"].bool()]) == 0
+    finally:
+        train_encoder.train()
 
 
 def test_missing_token_types_mean_segment_a(encoder, batch):

@@ -100,7 +100,7 @@ def run_pcgrad_benchmark(config: PCGradBenchConfig | None = None) -> dict:
 def _scratch(output_dir: str):
     if output_dir:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        yield Path(output_dir)
+        yield Path(output_dir).resolve()  # workers may run in another folder
     else:
         with tempfile.TemporaryDirectory(prefix="bench-pcgrad-") as folder:
             yield Path(folder)
@@ -122,10 +122,11 @@ def _task_files(config: PCGradBenchConfig, folder: Path) -> str:
     return str(folder)
 
 
-def run_config(config: PCGradBenchConfig, data_root: str, output_dir: str, num_workers: int, mode: str,
-               plan: str) -> dict:
+def _run_config(config: PCGradBenchConfig, data_root: str, output_dir: str, num_workers: int, mode: str,
+                plan: str) -> dict:
     """The training run a benchmark worker builds: the demo's tasks and heads, only the train splits."""
     heads = {"sst": "linear", "qqp": "cross", "sts": "cross"}
+    num_steps = max(config.warmup_steps + config.timed_steps, 1 + config.plan_steps)
     return {
         "model": {"checkpoint": config.checkpoint, "dropout": config.dropout, "max_length": config.max_length},
         "tasks": {task: {"train": file, "dev": "", "test": "", "batch_size": config.batch_size, "head": heads[task]}
@@ -134,7 +135,8 @@ def run_config(config: PCGradBenchConfig, data_root: str, output_dir: str, num_w
         "schedule": {"name": "round_robin"},
         "surgery": asdict(SurgeryConfig(mode=mode, plan=plan)),
         "deepspeed": {"zero_stage": config.zero_stage},
-        "train": {"output_dir": output_dir, "epochs": 1},
+        # Enough epochs for the longest run whatever max_rows; the learning-rate schedule spans those steps.
+        "train": {"output_dir": output_dir, "epochs": num_steps, "max_steps": num_steps},
         "workers": {"num_workers": num_workers},
         "observe": {"tensorboard": False, "progress": False},
     }
@@ -150,7 +152,7 @@ def _run_group(config: PCGradBenchConfig, data_root: str, scratch: Path, num_wor
     connect("", num_cpus=2 * threads)
     result_path = scratch / f"result-{num_workers}w.json"
     trainer = TorchTrainer(
-        bench_worker,
+        _bench_worker,
         train_loop_config={"bench": asdict(config), "data_root": data_root, "scratch": str(scratch),
                            "num_workers": num_workers, "threads": threads, "result_path": str(result_path)},
         torch_config=TorchConfig(backend="gloo"),
@@ -210,7 +212,7 @@ def _paired_ratio(group: dict, key: str) -> float:
 
 
 # -- worker side ------------------------------------------------------------------------------------------------
-def bench_worker(loop_config: dict) -> None:
+def _bench_worker(loop_config: dict) -> None:
     """On each Ray Train worker: the timed pair side by side, then the other plans (2 workers); rank 0 writes."""
     import torch.distributed as dist
 
@@ -244,7 +246,7 @@ def _builder(config: PCGradBenchConfig, loop_config: dict, num_workers: int):
 
     def build(mode: str, plan: str, name: str) -> Trainer:
         out = Path(loop_config["scratch"]) / f"{num_workers}w-{name}"
-        raw = run_config(config, loop_config["data_root"], str(out), num_workers, mode, plan)
+        raw = _run_config(config, loop_config["data_root"], str(out), num_workers, mode, plan)
         return Trainer(config_from_dict(raw), DistContext.current(use_gpu=False))
 
     return build

@@ -83,7 +83,7 @@ def run_pcgrad_benchmark(config: PCGradBenchConfig | None = None) -> dict:
 
     Joins the running Ray instance if there is one (RAY_ADDRESS, or ray.init() already called), else
     starts a local one. Everything Ray, DeepSpeed and the workers print goes to stderr, so a caller
-    can print the report alone on stdout.
+    can print the report alone on stdout (the workers write theirs to stderr).
     """
     config = config or PCGradBenchConfig()
     start = time.perf_counter()
@@ -218,6 +218,10 @@ def _bench_worker(loop_config: dict) -> None:
 
     from dist_minbert.surgery.distributed import resolve_plan
 
+    # Ray forwards a worker's stdout to the driver's, where the report must stand alone, at its own pace
+    # (after the driver's redirection may have ended): the worker's fd 1 goes to its stderr instead.
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     torch.set_num_threads(loop_config["threads"])
     config = PCGradBenchConfig(**loop_config["bench"])
     num_workers = loop_config["num_workers"]

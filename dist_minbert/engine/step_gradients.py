@@ -247,7 +247,7 @@ class _HandOver(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grads, ctx.grads = ctx.grads, None
         out = (None, *grads)
-        grads.clear()  # the autograd engine holds the only references, so it adopts them
+        grads.clear()  # no reference but the returned one is left, so autograd adopts them instead of copying
         return out
 
 

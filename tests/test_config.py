@@ -127,7 +127,7 @@ def test_dotted_overrides_are_yaml_typed_and_win_over_the_file(tmp_path):
 
 
 def test_task_field_override_keeps_the_builtin_defaults():
-    cfg = load_config(REPO / "configs" / "demo.yaml", ["tasks.sts.head=bi_cosine", "tasks.qqp.batch_size=32"])
+    cfg = load_config(REPO / "configs" / "b1_cross.yaml", ["tasks.sts.head=bi_cosine", "tasks.qqp.batch_size=32"])
     sts = cfg.tasks["sts"]
     assert sts.head == "bi_cosine"
     assert (sts.kind, sts.label_range, sts.metric) == ("pair_regression", [0.0, 5.0], "pearson")

@@ -122,12 +122,15 @@ class SurgeryGradients:
                     reduction.row(t).zero_()
                 if i == last_micro_batch[task]:
                     reduction.reduce([t])
-        result = reduction.finish(step_generator(self.seed, step))
-        self._track([result.gradient], reduction, head_grads)
-        checked = result.stats.gram.diagonal() if result.stats is not None else result.gradient.norm()[None]
+        # Checked before any weighting runs on them; in exact mode the Gram matrix is global already.
+        gram = reduction.gram()
+        checked = (gram.diagonal() if gram is not None else
+                   torch.tensor([float(reduction.row(t).norm()) for t in reduction.present], dtype=torch.float64))
         if not all_finite(torch.cat([torch.tensor(list(losses.values()), dtype=torch.float64),
                                      checked.double().cpu()])):
             raise NonFiniteStep(f"non-finite loss or gradient: {_fmt(losses)}")
+        result = reduction.finish(step_generator(self.seed, step))
+        self._track([result.gradient], reduction, head_grads)
         skip_engine_reduction = self.own_reduction and result.is_global
         if skip_engine_reduction and reduction.world_size > 1:
             self._all_reduce_heads(head_grads, reduction)

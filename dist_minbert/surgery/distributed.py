@@ -54,8 +54,8 @@ class TaskReduction:
     Construct it with this rank's sample count of each task (one all-reduce of T numbers: every rank
     needs n_t before scaling), write task t's scaled gradient s_t·g_t into row(t), and call
     reduce([t]) as soon as it is final: in exact mode the plan's collective starts asynchronously and
-    overlaps the next task's forward and backward. Then finish(). Tasks absent from the whole step are
-    never written, reduced or read. With fewer than two tasks in the step every mode acts as sum.
+    overlaps the next task's forward and backward. Then gram() (optional) and finish(). Tasks absent from
+    the whole step are never written, reduced or read. With fewer than two tasks every mode acts as sum.
 
     Buffers, by plan (exact mode):
     - allreduce: the T×P rows (every rank needs every global task gradient): T units, T·P memory.
@@ -98,6 +98,8 @@ class TaskReduction:
         self._shards = (torch.empty(num_tasks, self.shard_size, dtype=dtype, device=device)
                         if self.plan == "sharded" else None)
         self._pending: list[Pending] = []
+        self._gram: Tensor | None = None
+        self._gram_formed = False
 
     # -- feeding -------------------------------------------------------------------------------
     def row(self, t: int) -> Tensor:
@@ -158,26 +160,40 @@ class TaskReduction:
         self._padded = [buffer if self._rows[t] is not None else None for t, buffer in enumerate(self._padded)]
 
     # -- result ----------------------------------------------------------------------------------
+    def gram(self) -> Tensor | None:
+        """Waits for the reductions; the Gram matrix of the step's task gradients (global in exact mode, this
+        rank's own in local mode), formed once. None when nothing is weighed (sum mode, fewer than 2 tasks).
+
+        Its diagonal lets the caller check for non-finite gradients before any weighting runs on them.
+        """
+        if self._gram_formed:
+            return self._gram
+        self._wait()
+        self._gram_formed = True
+        if self.config.mode == "sum" or len(self.present) < 2:
+            self._gram = None
+        elif self.plan is None:  # pcgrad_local, or exact mode on one rank (its rows are the global gradients)
+            self._gram = gram_matrix(self._rows)
+        elif self.plan == "allreduce":
+            # The rows hold N·ḡ_t; the 1/N is folded into the T×T Gram matrix and the T weights, not the T×P rows.
+            self._gram = gram_matrix(self._rows) / self.world_size**2
+        else:
+            self._shards /= self.world_size  # this rank's 1/N of every ḡ_t
+            self._gram = gram_matrix([self._shards[t] if t in self.present else None for t in range(len(self._rows))])
+            self.comm.all_reduce(self._gram)  # Σ over shards of the partial Gram matrices: T² numbers
+        return self._gram
+
     def finish(self, generator: torch.Generator) -> SurgeryResult:
-        """Wait for the reductions, form the Gram matrix and weights, and return the gradient for the engine.
+        """Weights from the Gram matrix, and the gradient for the engine.
 
         generator: seeded identically on every rank (pcgrad.step_generator(seed, step)), so every rank
         draws the same random orders; in exact mode the Gram matrix, and so the weights, are bitwise
         equal on every rank.
         """
-        self._wait()
-        if self.config.mode == "sum" or len(self.present) < 2:
+        gram = self.gram()
+        if gram is None:
             ones = (self.global_counts > 0).to(torch.float64)
             return self._result(combine(ones, self._rows, out=self._first_row()), None, self._rows_are_global)
-        if self.plan is None:  # pcgrad_local, or exact mode on one rank (its rows are the global gradients)
-            gram = gram_matrix(self._rows)
-        elif self.plan == "allreduce":
-            # The rows hold N·ḡ_t; the 1/N is folded into the T×T Gram matrix and the T weights, not the T×P rows.
-            gram = gram_matrix(self._rows) / self.world_size**2
-        else:
-            self._shards /= self.world_size  # this rank's 1/N of every ḡ_t
-            gram = gram_matrix([self._shards[t] if t in self.present else None for t in range(len(self._rows))])
-            self.comm.all_reduce(gram)  # Σ over shards of the partial Gram matrices: T² numbers
         weights = WEIGHTINGS[self.config.weighting](gram.cpu(), generator)
         stats = surgery_stats(gram, weights)
         if self.gather_update:

@@ -17,10 +17,12 @@ import os
 import posixpath
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
+from itertools import chain
 from multiprocessing import get_all_start_methods, get_context
 from typing import IO, Any, Callable, Iterator
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 
 from dist_minbert.data.config import DataConfig
@@ -263,10 +265,15 @@ def _encode_in_worker(texts: list[str], max_tokens: int) -> pa.Array:
 
 
 def _encode(tokenizer: WordPieceTokenizer, texts: list[str], max_tokens: int) -> pa.Array:
+    """Token lists as one Arrow list array built from flat numpy buffers: pa.array() on a list of
+    Python lists cost two thirds of the tokenizer's own time here."""
     ids = tokenizer.encode(texts)
     if max(map(len, ids), default=0) > max_tokens:
         ids = [seq[:max_tokens] for seq in ids]
-    return pa.array(ids, TOKENS)
+    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
+    np.cumsum(np.fromiter(map(len, ids), np.int32, len(ids)), out=offsets[1:])
+    values = np.fromiter(chain.from_iterable(ids), np.int32, int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)).cast(TOKENS)
 
 
 class _Encoder:

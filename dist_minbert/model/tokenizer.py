@@ -61,7 +61,9 @@ class WordPieceTokenizer:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """WordPiece ids of each text, without special tokens and untruncated; one parallel call into Rust."""
-        return [encoding.ids for encoding in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast (tokenizers ≥ 0.20) skips character offsets, which nothing here reads: ~20% faster.
+        encode_batch = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
+        return [encoding.ids for encoding in encode_batch(texts, add_special_tokens=False)]
 
     def save(self, out_dir: str) -> None:
         """Writes what AutoTokenizer reads: tokenizer.json, vocab.txt, tokenizer_config.json, special_tokens_map."""

@@ -24,7 +24,7 @@ import yaml
 from dist_minbert.config import config_from_dict
 from dist_minbert.config_loader import ConfigError
 from dist_minbert.engine import checkpointing
-from dist_minbert.engine.checkpointing import CheckpointConfig, DevHistory
+from dist_minbert.engine.checkpointing import DevHistory
 from tests.ray_workers import write_slice
 
 pytestmark = pytest.mark.distributed

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.ray_workers import run_on_workers
-from tests.test_engine_distributed import NUM_ROWS, data_slice, _run_config  # noqa: F401  (fixture)
+from tests.test_engine_distributed import _run_config, data_slice  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.distributed
 STEPS = 2

@@ -264,7 +264,7 @@ def _timed_pair(build, config: PCGradBenchConfig) -> tuple[dict, dict[str, int]]
     model = trainers["sum"].model
     sizes = {"num_params": meters["sum"].num_params,
              "num_head_params": sum(p.numel() for task in model.tasks for p in model.task_parameters(task))}
-    positions = {mode: trainer.positions() for mode, trainer in trainers.items()}
+    positions = {mode: iter(trainer.positions()) for mode, trainer in trainers.items()}
     for step in range(config.warmup_steps + config.timed_steps):
         order = TIMED_MODES if step % 2 == 0 else TIMED_MODES[::-1]
         for mode in order:
@@ -277,7 +277,7 @@ def _timed_pair(build, config: PCGradBenchConfig) -> tuple[dict, dict[str, int]]
 
 def _plan_run(trainer, config: PCGradBenchConfig) -> dict:
     meter = _StepMeter(trainer)
-    positions = trainer.positions()
+    positions = iter(trainer.positions())
     for step in range(1 + config.plan_steps):
         meter.step(next(positions), timed=step >= 1)
     summary = meter.summary()

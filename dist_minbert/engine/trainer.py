@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from dist_minbert.config import RunConfig, save_config
 from dist_minbert.data.collate import collate
+from dist_minbert.data.prefetch import Prefetcher
 from dist_minbert.data.schedule import sampling_probabilities, steps_in_epoch, tasks_for_step
 from dist_minbert.data.stream import TaskStream
 from dist_minbert.engine import checkpointing
@@ -44,6 +45,13 @@ log = logging.getLogger(__name__)
 
 Metrics = dict[str, dict[str, float]]  # task → metric → value
 BEST_TAG = checkpointing.BEST
+
+
+@dataclass(frozen=True)
+class StepInput:
+    position: tuple[int, int]  # (epoch, step in epoch)
+    micro_batches: list[dict[str, dict[str, torch.Tensor]]]  # per micro-batch: task → this rank's batch
+    stream_states: dict[str, dict[str, int]]  # every stream's position after this step
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,7 @@ class Trainer:
                              f"workers; allowed: 0 to {ctx.world_size - 1}")
         self.dev_history = checkpointing.DevHistory()
         self._resume(checkpointing.resolve_resume(cfg.checkpoint.resume, self.checkpoint_dir))
+        self.stream_states = {name: s.state_dict() for name, s in self.streams.items()}  # of the last step trained
 
     # -- setup --------------------------------------------------------------------------------
     def _steps_in(self, epoch: int) -> int:
@@ -140,24 +149,30 @@ class Trainer:
         self.num_truncated[task] += collated.num_truncated
         return collated.tensors
 
-    def positions(self):
+    def positions(self) -> list[tuple[int, int]]:
         """(epoch, step in epoch) of every optimizer step still to run, up to max_steps."""
-        done = 0
-        for epoch, num_steps in enumerate(self.epoch_steps):
-            for step in range(num_steps):
-                if done >= self.global_step:
-                    if done >= self.total_steps:
-                        return
-                    yield epoch, step
-                done += 1
+        every = [(epoch, step) for epoch, num_steps in enumerate(self.epoch_steps) for step in range(num_steps)]
+        return every[self.global_step: self.total_steps]
 
-    def train_step(self, epoch: int, step: int) -> dict[str, float]:
-        """One optimizer step of the schedule; returns this rank's mean loss per task ({} if skipped)."""
+    def read_step(self, position: tuple[int, int]) -> StepInput:
+        """The micro-batches of one step, and every stream's position right after them.
+
+        With prefetch this runs ahead on the data thread, so the streams' live positions are ahead of
+        training: a checkpoint stores the positions of the last step trained, never the live ones.
+        """
+        epoch, step = position
         plan = tasks_for_step(self.cfg.schedule, self.cfg.train.seed, epoch, step, self.sizes, self.batch_sizes,
                               self.cfg.train.epochs)
+        micro_batches = [{task: self._batch(task, size // self.accumulation) for task, size in plan.items()}
+                         for _ in range(self.accumulation)]
+        return StepInput(position, micro_batches, {name: s.state_dict() for name, s in self.streams.items()})
+
+    def train_step(self, epoch: int, step: int, prefetched: StepInput | None = None) -> dict[str, float]:
+        """One optimizer step of the schedule; returns this rank's mean loss per task ({} if skipped)."""
         with self.timers.phase("data"):
-            micro_batches = [{task: self._batch(task, size // self.accumulation) for task, size in plan.items()}
-                             for _ in range(self.accumulation)]
+            step_input = prefetched or self.read_step((epoch, step))
+        micro_batches, self.stream_states = step_input.micro_batches, step_input.stream_states
+        plan = micro_batches[0]
         weights = {task: self.cfg.tasks[task].weight for task in plan}
         self.global_step += 1
         try:
@@ -191,16 +206,47 @@ class Trainer:
         if history.initial is None:  # a resumed run carries its dev history on
             history.initial = history.last = self.evaluate("dev")
             self._log_dev(history.initial)
-        samples, train_s = 0, 0.0
+        self.samples, self.train_s = 0, 0.0
         bar = progress_bar(self.total_steps, "train", enabled=self.is_main and cfg.observe.progress)
         bar.update(self.global_step)
         window = _LossWindow()
-        for epoch, step in self.positions():
+        with Prefetcher(self.read_step, self.positions(), cfg.data.prefetch) as steps:
+            self._train_epochs(steps, history, window, bar)
+        bar.close()
+        if (self.checkpoint_dir / BEST_TAG).exists():
+            self.engine.load_checkpoint(str(self.checkpoint_dir), tag=BEST_TAG, load_module_only=True)
+        prediction_paths = self.write_predictions()
+        summary = {
+            "num_workers": self.ctx.world_size,
+            "steps": self.global_step,
+            "samples": self.samples,
+            "samples_per_s": self.samples / self.train_s if self.train_s else 0.0,
+            "train_s": self.train_s,
+            "wall_s": time.perf_counter() - self.started,  # this worker: data, engine, training, evaluation
+            "initial_dev": history.initial,
+            "dev": history.last,
+            "best_dev": history.best,
+            "score": overall_score(history.last) if history.last else None,
+            "best_score": history.best_score if history.last else None,
+            "truncated_rows": dict(self.num_truncated),
+            "paths": {"output_dir": str(self.out), "tensorboard": str(self.out / "tensorboard"),
+                      "checkpoint": str(self.checkpoint_dir / BEST_TAG), "predictions": prediction_paths,
+                      "config": str(self.out / "config.yaml"), "rejects": str(self.out / "rejects.tsv")},
+        }
+        if self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.logger.close()
+        return summary
+
+    def _train_epochs(self, steps, history: checkpointing.DevHistory, window: _LossWindow, bar) -> None:
+        cfg = self.cfg
+        for step_input in steps:
+            epoch, step = step_input.position
             start = time.perf_counter()
-            losses = self.train_step(epoch, step)
+            losses = self.train_step(epoch, step, step_input)
             elapsed = time.perf_counter() - start
             step_samples = sum(self.batch_sizes[t] for t in losses)
-            samples, train_s = samples + step_samples, train_s + elapsed
+            self.samples, self.train_s = self.samples + step_samples, self.train_s + elapsed
             window.add(losses, step_samples, elapsed)
             bar.update(1)
             if self.global_step % cfg.observe.log_every == 0 or self.global_step == self.total_steps:
@@ -218,31 +264,6 @@ class Trainer:
                 self._checkpoint({"epoch": epoch, "step": self.global_step, "score": score, "dev": dev}, is_best)
             elif epoch_end or (cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0):
                 self._checkpoint({"epoch": epoch, "step": self.global_step}, is_best=False)
-        bar.close()
-        if (self.checkpoint_dir / BEST_TAG).exists():
-            self.engine.load_checkpoint(str(self.checkpoint_dir), tag=BEST_TAG, load_module_only=True)
-        prediction_paths = self.write_predictions()
-        summary = {
-            "num_workers": self.ctx.world_size,
-            "steps": self.global_step,
-            "samples": samples,
-            "samples_per_s": samples / train_s if train_s else 0.0,
-            "train_s": train_s,
-            "wall_s": time.perf_counter() - self.started,  # this worker: data, engine, training, evaluation
-            "initial_dev": history.initial,
-            "dev": history.last,
-            "best_dev": history.best,
-            "score": overall_score(history.last) if history.last else None,
-            "best_score": history.best_score if history.last else None,
-            "truncated_rows": dict(self.num_truncated),
-            "paths": {"output_dir": str(self.out), "tensorboard": str(self.out / "tensorboard"),
-                      "checkpoint": str(self.checkpoint_dir / BEST_TAG), "predictions": prediction_paths,
-                      "config": str(self.out / "config.yaml"), "rejects": str(self.out / "rejects.tsv")},
-        }
-        if self.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-            self.logger.close()
-        return summary
 
     # -- evaluation and predictions -----------------------------------------------------------
     @property
@@ -252,7 +273,7 @@ class Trainer:
     def save_checkpoint(self, is_best: bool = False) -> Path:
         """Checkpoint the state after `global_step` on every rank (collective); returns its folder."""
         state = {"version": checkpointing.STATE_VERSION, "global_step": self.global_step,
-                 "world_size": self.ctx.world_size, "streams": {n: s.state_dict() for n, s in self.streams.items()},
+                 "world_size": self.ctx.world_size, "streams": self.stream_states,
                  "dev_history": asdict(self.dev_history)}
         folder = checkpointing.save_checkpoint(
             self.engine, self.checkpoint_dir, self.global_step, state, self.ctx.rank,
@@ -343,7 +364,7 @@ class Trainer:
         probabilities = sampling_probabilities(self.cfg.schedule, epoch, self.sizes, self.cfg.train.epochs)
         values = {**window, **self.timers.drain(), "lr": self.engine.get_lr()[0], "epoch": epoch,
                   **{f"sampling/{t}_p": p for t, p in probabilities.items()},
-                  **{f"samples_seen/{t}": s.epoch * s.num_rows + s.consumed for t, s in self.streams.items()},
+                  **{f"samples_seen/{t}": s["epoch"] * s["num_rows"] + s["consumed"] for t, s in self.stream_states.items()},
                   **{f"truncated_rows/{t}": n for t, n in self.num_truncated.items()}}
         self.logger.scalars(self.global_step, values)
         if self.is_main:

@@ -47,8 +47,11 @@ class SummedGradients:
     def __init__(self, engine) -> None:
         self.engine = engine
 
-    def run(self, micro_batches, loss_of, weights: dict[str, float]) -> StepOutcome:
-        """`micro_batches`: iterable of {task: batch}; `loss_of(task, batch)` → mean loss over the local batch."""
+    def run(self, micro_batches, loss_of, weights: dict[str, float], step: int) -> StepOutcome:
+        """`micro_batches`: list of {task: batch}; `loss_of(task, batch)` → mean loss over the local batch.
+
+        `step` seeds nothing here (a sum has no task order); it keeps one signature for both strategies.
+        """
         losses: dict[str, float] = {}
         for batches in micro_batches:
             total, local = 0.0, {}

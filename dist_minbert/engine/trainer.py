@@ -177,10 +177,7 @@ class Trainer:
         self.global_step += 1
         try:
             with self.timers.phase("step"):
-                if isinstance(self.gradients, SurgeryGradients):
-                    outcome = self.gradients.run(micro_batches, self._loss, weights, self.global_step)
-                else:
-                    outcome = self.gradients.run(micro_batches, self._loss, weights)
+                outcome = self.gradients.run(micro_batches, self._loss, weights, self.global_step)
         except NonFiniteStep as exc:
             self.num_skipped_in_a_row += 1
             log.warning("step %d skipped on every rank: %s (%d in a row)", self.global_step, exc,

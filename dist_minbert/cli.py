@@ -99,7 +99,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     import dataclasses
 
     from dist_minbert.config import load_config
-    from dist_minbert.data.prepare import prepare_corpus, prepare_tasks
+    from dist_minbert.data.prepare import prepare_corpus, prepare_tasks, resolve_engine
     from dist_minbert.engine.task_inputs import shards_root
     from dist_minbert.model.tokenizer import WordPieceTokenizer
 
@@ -111,9 +111,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if args.corpus:
         if not args.out:
             raise ConfigError("prepare --corpus needs --out (where to write the corpus shards)")
-        manifest = prepare_corpus(args.corpus, args.out, tokenizer, cfg.model.max_length, cfg.data)
+        data = dataclasses.replace(cfg.data, prepare_engine=resolve_engine(cfg.data, cfg.workers.address))
+        if data.prepare_engine == "ray":
+            from launch.ray_run import connect
+
+            connect(cfg.workers.address)
+        manifest = prepare_corpus(args.corpus, args.out, tokenizer, cfg.model.max_length, data)
         print(f"{args.corpus}: {manifest.num_rows} rows in {len(manifest.shards)} shards at {args.out} "
-              f"({manifest.rejects['count']} rejected)")
+              f"({manifest.rejects['count']} rejected; engine {data.prepare_engine})")
         return 0
     data = dataclasses.replace(cfg.data, shards=shards_root(cfg.data, cfg.train.output_dir))
     for task, manifests in prepare_tasks(cfg.tasks, data, tokenizer, cfg.model.max_length).items():
@@ -129,8 +134,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "data":
         from dist_minbert.data.bench import run_data_benchmark
 
+        if args.engine == "ray":
+            from launch.ray_run import connect
+
+            connect("")
         with tempfile.TemporaryDirectory() as work_dir:
-            report = run_data_benchmark(work_dir, num_lines=args.lines)
+            report = run_data_benchmark(work_dir, num_lines=args.lines, prepare_engine=args.engine)
     else:
         from dist_minbert.bench.pcgrad import run_pcgrad_benchmark
 
@@ -174,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=["data", "pcgrad"])
     bench.add_argument("--json", action="store_true", help="one line of JSON")
     bench.add_argument("--lines", type=int, default=1_000_000, help="bench data: corpus lines to generate")
+    bench.add_argument("--engine", choices=["local", "ray"], default="local", help="bench data: the prepare engine")
     bench.set_defaults(func=cmd_bench)
 
     export = sub.add_parser("export", help="write a Hugging Face BERT folder (AutoModel.from_pretrained loads it)")

@@ -7,6 +7,9 @@ in a freshly spawned process so its memory is its own: RSS growth is the peak wh
 streaming minus the RSS right after imports (no model is loaded). On a machine shared
 with other work, wall-clock rates understate the code: the CPU-time rates beside them
 (samples per CPU second of the process and its workers) and the load average say by how much.
+With `--engine ray` prepare runs on Ray Data (a local instance of this machine's cores unless
+RAY_ADDRESS names a cluster); Ray's actors are not this process's children, so its CPU-time
+rate then counts the writer only.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def run_data_benchmark(
     csv_rows: int = 200_000,
     prefetch: int = 2,
     prepare_workers: int = 0,
+    prepare_engine: str = "local",
     checkpoint: str = "embedded",
     data_root: str = DataConfig().root,
     seed: int = 0,
@@ -56,7 +60,7 @@ def run_data_benchmark(
     _write_lines(csv_path, (f"{k}\tl{k}\t{line}\n" for k, line in enumerate(generated_lines(sentences, csv_rows))),
                  header="\tid\tsentence\n")
     tokenizer = WordPieceTokenizer.from_checkpoint(checkpoint)
-    data = DataConfig(root=data_root, prepare_workers=prepare_workers, prefetch=prefetch)
+    data = DataConfig(root=data_root, prepare_workers=prepare_workers, prefetch=prefetch, prepare_engine=prepare_engine)
 
     shutil.rmtree(shards, ignore_errors=True)  # measure a build, not a no-op
     load_before = os.getloadavg()[0]
@@ -77,6 +81,7 @@ def run_data_benchmark(
         "num_ranks": num_ranks,
         "prefetch": prefetch,
         "cpu_count": os.cpu_count(),
+        "prepare_engine": prepare_engine,
         "prepare_workers": prepare_workers or os.cpu_count(),
         "prepare_seconds": prepare_s,
         "prepare_sentences_per_s": num_lines / prepare_s,

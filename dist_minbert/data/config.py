@@ -29,7 +29,11 @@ class DataConfig:
     max_reject_fraction: float = 0.01
     # Corpus lines longer than this many bytes are rejected (the csv module's field limit for task files).
     max_line_bytes: int = 131072
-    # Tokenizer processes used by prepare (0 = one per CPU core; 1 = in the calling process).
+    # Where prepare tokenizes corpora: "local" (a process pool), "ray" (Ray Data on the connected cluster),
+    # "auto" (Ray when a cluster is given: workers.address or RAY_ADDRESS). Both write the same shards.
+    prepare_engine: Literal["auto", "local", "ray"] = "auto"
+    # Tokenizer processes (local) or Ray actors (ray) used by prepare (0 = one per CPU core of the machine
+    # or cluster; 1 = in the calling process, locally).
     prepare_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -53,6 +57,8 @@ class DataConfig:
             raise ValueError(f"max_reject_fraction: {self.max_reject_fraction} is out of range; allowed: 0 <= x <= 1")
         if self.max_line_bytes < 1:
             raise ValueError(f"max_line_bytes: {self.max_line_bytes} is too small; allowed: an integer >= 1")
+        if self.prepare_engine not in ("auto", "local", "ray"):
+            raise ValueError(f"prepare_engine: {self.prepare_engine!r} is not an engine; allowed: 'auto', 'local', 'ray'")
         if self.prepare_workers < 0:
             raise ValueError(f"prepare_workers: {self.prepare_workers} is negative; allowed: 0 (one per core) or more")
 

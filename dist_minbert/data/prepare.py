@@ -5,8 +5,8 @@ rejects.tsv next to the manifest with their file, line and reason, and counted b
 reason in the manifest; past `max_reject_fraction` the build fails with no manifest.
 A build's key hashes the input's bytes, the tokenizer fingerprint, max_length and the
 layout options: a re-run with an equal key and intact shards does nothing, anything
-else rebuilds. Corpora are read line by line and tokenized in chunks by a pool of
-processes (one Rust tokenizer each), so memory stays bounded by a few chunks.
+else rebuilds. Corpora are tokenized by one of two engines that write the same bytes: a local
+process pool (engine_local.py) or Ray Data on a cluster (engine_ray.py).
 """
 
 from __future__ import annotations
@@ -15,17 +15,15 @@ import hashlib
 import json
 import os
 import posixpath
-from collections import Counter, deque
-from concurrent.futures import Future, ProcessPoolExecutor
-from itertools import chain
-from multiprocessing import get_all_start_methods, get_context
-from typing import IO, Any, Callable, Iterator
+from collections import Counter
+from typing import Any, Callable, Iterator
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 
 from dist_minbert.data.config import DataConfig
+from dist_minbert.data.corpus_lines import CorpusChunk
+from dist_minbert.data.engine_local import local_chunks
 from dist_minbert.data.shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -41,11 +39,9 @@ from dist_minbert.data.source import TOKENS, task_schema, tokenize_rows
 from dist_minbert.model.tokenizer import WordPieceTokenizer
 from dist_minbert.observe.progress import progress_bar
 from dist_minbert.tasks.config import TaskConfig
-from dist_minbert.tasks.readers import BadRowError, Reject, read_task_file, write_rejects
+from dist_minbert.tasks.readers import Reject, read_task_file, write_rejects
 
 CORPUS_SCHEMA = pa.schema([pa.field("a", TOKENS), pa.field("line", pa.int64())])
-CHUNK_LINES = 8192  # corpus lines per tokenizer call
-_RAW_SHOWN = 200  # characters of an over-long line kept in rejects.tsv
 
 
 class TooManyRejectsError(ValueError):
@@ -111,27 +107,42 @@ def prepare_corpus(
     data: DataConfig,
     progress: bool = True,
 ) -> Manifest:
-    """A one-sentence-per-line text file (any fsspec URL, compression inferred) -> shards of (a, line).
+    """A one-sentence-per-line text file (any fsspec URL) -> shards of (a, line), on data.prepare_engine.
 
-    Lines that are empty, not UTF-8, or longer than data.max_line_bytes are rejects.
+    Lines that are empty, not UTF-8, or longer than data.max_line_bytes are rejects. Both engines
+    write the same bytes, so the build key leaves the engine out: switching engines is a no-op.
     """
     settings = {"max_line_bytes": data.max_line_bytes, "on_bad_row": data.on_bad_row}
-    workers = data.prepare_workers or os.cpu_count() or 1
 
     def produce(writer: ShardWriter) -> tuple[int, list[Reject]]:
         rejects: list[Reject] = []
         num_rows = 0
         fs, file_path = fsspec.core.url_to_fs(path)
-        with fsspec.open(path, "rb", compression="infer") as binary, _Encoder(tokenizer, workers) as encoder:
-            bar = progress_bar(fs.size(file_path), f"prepare {posixpath.basename(path)}", enabled=progress)
-            chunks = _corpus_chunks(binary, path, data, rejects, bar.update)
-            for ids, lines in encoder.encode(chunks, max_length - 1):
-                writer.write(pa.table({"a": ids, "line": pa.array(lines, pa.int64())}, schema=CORPUS_SCHEMA))
-                num_rows += len(lines)
-            bar.close()
+        bar = progress_bar(fs.size(file_path), f"prepare {posixpath.basename(path)}", enabled=progress)
+        for chunk in _corpus_chunks(path, tokenizer, max_length - 1, data):
+            writer.write(pa.table({"a": chunk.ids, "line": pa.array(chunk.lines, pa.int64())}, schema=CORPUS_SCHEMA))
+            num_rows += len(chunk.lines)
+            rejects.extend(chunk.rejects)
+            bar.update(chunk.bytes_read)
+        bar.close()
         return num_rows, rejects
 
     return _build("corpus", path, out_url, CORPUS_SCHEMA, settings, produce, tokenizer, max_length, data)
+
+
+def resolve_engine(data: DataConfig, address: str = "") -> str:
+    """data.prepare_engine with "auto" decided: Ray Data when a cluster is given (address or RAY_ADDRESS)."""
+    if data.prepare_engine != "auto":
+        return data.prepare_engine
+    return "ray" if address or os.environ.get("RAY_ADDRESS") else "local"
+
+
+def _corpus_chunks(path: str, tokenizer: WordPieceTokenizer, max_tokens: int, data: DataConfig) -> Iterator[CorpusChunk]:
+    if resolve_engine(data) == "ray":
+        from dist_minbert.data.engine_ray import available_cpus, ray_chunks
+
+        return ray_chunks(path, tokenizer, max_tokens, data, data.prepare_workers or available_cpus())
+    return local_chunks(path, tokenizer, max_tokens, data, data.prepare_workers or os.cpu_count() or 1)
 
 
 def _build(
@@ -211,105 +222,3 @@ def _file_digest(path: str) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
-
-
-def _corpus_chunks(
-    binary: IO[bytes], path: str, data: DataConfig, rejects: list[Reject], advance: Callable[[int], Any]
-) -> Iterator[tuple[list[str], list[int]]]:
-    """(texts, line numbers) of CHUNK_LINES good lines at a time; bad lines go to `rejects` (or raise)."""
-    texts: list[str] = []
-    lines: list[int] = []
-    read = 0
-    for number, raw in enumerate(binary, start=1):
-        read += len(raw)
-        body = raw.rstrip(b"\r\n")
-        problem = None
-        if len(body) > data.max_line_bytes:
-            problem = ("line_too_long", f"{len(body)} bytes, more than max_line_bytes={data.max_line_bytes}")
-        else:
-            try:
-                text = body.decode("utf-8")
-                if not text.strip():
-                    problem = ("empty_text", "the line holds no text")
-            except UnicodeDecodeError as exc:
-                problem = ("bad_utf8", str(exc))
-        if problem is not None:
-            if data.on_bad_row == "error":
-                raise BadRowError(path, number, *problem)
-            shown = body[:_RAW_SHOWN].decode("utf-8", errors="backslashreplace")
-            rejects.append(Reject(path, number, problem[0], shown if len(body) <= _RAW_SHOWN else f"{shown}..."))
-            continue
-        texts.append(text)
-        lines.append(number)
-        if len(texts) == CHUNK_LINES:
-            advance(read)
-            read = 0
-            yield texts, lines
-            texts, lines = [], []
-    advance(read)
-    if texts:
-        yield texts, lines
-
-
-_worker_tokenizer: WordPieceTokenizer | None = None
-
-
-def _init_worker(tokenizer: WordPieceTokenizer) -> None:
-    global _worker_tokenizer
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; Rust threads would fight it
-    _worker_tokenizer = tokenizer
-
-
-def _encode_in_worker(texts: list[str], max_tokens: int) -> pa.Array:
-    return _encode(_worker_tokenizer, texts, max_tokens)
-
-
-def _encode(tokenizer: WordPieceTokenizer, texts: list[str], max_tokens: int) -> pa.Array:
-    """Token lists as one Arrow list array built from flat numpy buffers: pa.array() on a list of
-    Python lists cost two thirds of the tokenizer's own time here."""
-    ids = tokenizer.encode(texts)
-    if max(map(len, ids), default=0) > max_tokens:
-        ids = [seq[:max_tokens] for seq in ids]
-    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
-    np.cumsum(np.fromiter(map(len, ids), np.int32, len(ids)), out=offsets[1:])
-    values = np.fromiter(chain.from_iterable(ids), np.int32, int(offsets[-1]))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)).cast(TOKENS)
-
-
-class _Encoder:
-    """Tokenizes chunks in order, in a process pool (workers > 1) with a bounded number in flight.
-
-    Workers are forked where the OS allows: measured here, a spawned worker took 4.5 s to
-    start (it re-imports torch through the tokenizer's package), a forked one 0.06 s. They
-    run only the Rust tokenizer, with its own threads off, so nothing inherited is used.
-    """
-
-    def __init__(self, tokenizer: WordPieceTokenizer, workers: int):
-        self.tokenizer, self.workers = tokenizer, workers
-        self.pool: ProcessPoolExecutor | None = None
-
-    def __enter__(self) -> _Encoder:
-        if self.workers > 1:
-            method = "fork" if "fork" in get_all_start_methods() else "spawn"
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=get_context(method),
-                                            initializer=_init_worker, initargs=(self.tokenizer,))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-
-    def encode(self, chunks: Iterator[tuple[list[str], list[int]]], max_tokens: int) -> Iterator[tuple[pa.Array, list[int]]]:
-        if self.pool is None:
-            for texts, lines in chunks:
-                yield _encode(self.tokenizer, texts, max_tokens), lines
-            return
-        in_flight: deque[tuple[Future, list[int]]] = deque()
-        for texts, lines in chunks:
-            in_flight.append((self.pool.submit(_encode_in_worker, texts, max_tokens), lines))
-            if len(in_flight) >= 2 * self.workers:
-                future, done_lines = in_flight.popleft()
-                yield future.result(), done_lines
-        while in_flight:
-            future, done_lines = in_flight.popleft()
-            yield future.result(), done_lines

@@ -8,8 +8,8 @@ streaming minus the RSS right after imports (no model is loaded). On a machine s
 with other work, wall-clock rates understate the code: the CPU-time rates beside them
 (samples per CPU second of the process and its workers) and the load average say by how much.
 With `--engine ray` prepare runs on Ray Data (a local instance of this machine's cores unless
-RAY_ADDRESS names a cluster); Ray's actors are not this process's children, so its CPU-time
-rate then counts the writer only.
+RAY_ADDRESS names a cluster); Ray's actors are not this process's children, so no CPU-time
+rate is given for it.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def run_data_benchmark(
         "prepare_workers": prepare_workers or os.cpu_count(),
         "prepare_seconds": prepare_s,
         "prepare_sentences_per_s": num_lines / prepare_s,
-        "prepare_sentences_per_cpu_s": num_lines / prepare_cpu_s,
+        "prepare_sentences_per_cpu_s": num_lines / prepare_cpu_s if prepare_engine == "local" else None,
         "prepare_rejects": manifest.rejects["count"],
         "shard_bytes": sum(s.bytes for s in manifest.shards),
         "stream_samples_per_s_per_rank": stream_per_s,
@@ -174,7 +174,7 @@ def _stream_rank(url, rank, num_ranks, batch_size_per_rank, prefetch, max_length
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         import torch
 
-        from dist_minbert.data.collate import collate
+        from dist_minbert.data.collate import collator
         from dist_minbert.data.prefetch import Prefetcher, read_step
         from dist_minbert.data.shards import open_source
         from dist_minbert.data.stream import TaskStream
@@ -186,8 +186,10 @@ def _stream_rank(url, rank, num_ranks, batch_size_per_rank, prefetch, max_length
         global_batch = batch_size_per_rank * num_ranks
         steps = len(streams["corpus"].source) // global_batch
 
+        collate = collator(tok, "single", max_length)
+
         def collate_rows(task, rows):
-            return collate(rows, "single", max_length, tok.cls_id, tok.sep_id, tok.pad_id)
+            return collate(rows)
 
         start.wait()
         began, began_cpu = time.perf_counter(), time.process_time()
@@ -208,7 +210,7 @@ def _stream_rank(url, rank, num_ranks, batch_size_per_rank, prefetch, max_length
 
 def _csv_in_memory(path: str, tokenizer: WordPieceTokenizer, max_length: int, batch_size: int, seed: int) -> float:
     """The naive peer: read the CSV, tokenize it all in memory, then one shuffled epoch of collated batches."""
-    from dist_minbert.data.collate import collate
+    from dist_minbert.data.collate import collator
     from dist_minbert.data.source import TableSource, tokenize_rows
     from dist_minbert.data.stream import TaskStream
 
@@ -217,6 +219,7 @@ def _csv_in_memory(path: str, tokenizer: WordPieceTokenizer, max_length: int, ba
     rows = read_task_file(path, task, labelled=False, on_bad_row="reject")
     stream = TaskStream(TableSource(tokenize_rows(rows, tokenizer, max_length - 1)), seed, 1, 0)
     steps = len(rows.ids) // batch_size
+    collate = collator(tokenizer, "single", max_length)
     for _ in range(steps):
-        collate(stream.next_batch(batch_size), "single", max_length, tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id)
+        collate(stream.next_batch(batch_size))
     return steps * batch_size / (time.perf_counter() - began)

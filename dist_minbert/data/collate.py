@@ -10,11 +10,14 @@ would cut it.
 from __future__ import annotations
 
 from itertools import chain
-from typing import Literal, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
+
+if TYPE_CHECKING:
+    from dist_minbert.model.tokenizer import WordPieceTokenizer
 
 Encoding = Literal["single", "bi", "cross"]
 
@@ -71,6 +74,11 @@ def collate(
         labels = labels.to_numpy(zero_copy_only=False) if isinstance(labels, pa.Array) else labels
         tensors["labels"] = torch.as_tensor(np.asarray(labels, dtype=np.float32))
     return Collated(tensors, num_truncated)
+
+
+def collator(tokenizer: WordPieceTokenizer, encoding: Encoding, max_length: int) -> Callable[..., Collated]:
+    """collate() bound to a tokenizer's special ids: what a task's train, eval or predict loop calls per batch."""
+    return lambda rows: collate(rows, encoding, max_length, tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id)
 
 
 def longest_first_keep(a_len: np.ndarray, b_len: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:

@@ -37,7 +37,7 @@ def predict_rows(forward: Callable, model: MultitaskModel, task: str, source: Ro
 
 def evaluate_file(model: MultitaskModel, cfg, task: str, path: str, labelled: bool, batch_size: int = 64):
     """Predictions (and metrics when labelled) for any file in the CS224N format, in one process."""
-    from dist_minbert.data.collate import collate
+    from dist_minbert.data.collate import collator
     from dist_minbert.data.source import TableSource, tokenize_rows
     from dist_minbert.engine.trainer import DistContext
     from dist_minbert.model.tokenizer import WordPieceTokenizer
@@ -51,9 +51,8 @@ def evaluate_file(model: MultitaskModel, cfg, task: str, path: str, labelled: bo
     tokenizer = WordPieceTokenizer.from_checkpoint(cfg.model.checkpoint)
     rows = read_task_file(path, spec, labelled=labelled, on_bad_row=cfg.data.on_bad_row)
     source = TableSource(tokenize_rows(rows, tokenizer, max_tokens=cfg.model.max_length - 1))
-    encoding = encoding_for(spec)
+    collate = collator(tokenizer, encoding_for(spec), cfg.model.max_length)
     preds = predict_rows(model, model, task, source, len(source), DistContext(0, 1, torch.device("cpu")),
-                         lambda r: collate(r, encoding, cfg.model.max_length, tokenizer.cls_id, tokenizer.sep_id,
-                                           tokenizer.pad_id).tensors, batch_size)
+                         lambda rows: collate(rows).tensors, batch_size)
     metrics = compute_metrics(spec, preds, np.asarray(rows.labels)) if labelled else {}
     return rows, preds, metrics

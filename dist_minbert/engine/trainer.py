@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dist_minbert.config import RunConfig, save_config
-from dist_minbert.data.collate import collate
+from dist_minbert.data.collate import collator
 from dist_minbert.data.prefetch import Prefetcher
 from dist_minbert.data.schedule import sampling_probabilities, steps_in_epoch, tasks_for_step
 from dist_minbert.data.stream import TaskStream
@@ -85,6 +85,8 @@ class Trainer:
         self.is_main = ctx.rank == 0
         self.out = Path(cfg.train.output_dir)
         self.tokenizer = WordPieceTokenizer.from_checkpoint(cfg.model.checkpoint)
+        self._collators = {name: collator(self.tokenizer, encoding_for(spec), cfg.model.max_length)
+                           for name, spec in cfg.tasks.items()}
         self.inputs = load_task_splits(cfg.tasks, cfg.data, self.tokenizer, cfg.model.max_length,
                                        str(self.out), self.is_main, _barrier)
         self.streams = {
@@ -143,9 +145,7 @@ class Trainer:
         return {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
 
     def _collate(self, task: str, rows: dict[str, list]) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer
-        collated = collate(rows, encoding_for(self.cfg.tasks[task]), self.cfg.model.max_length,
-                           tok.cls_id, tok.sep_id, tok.pad_id)
+        collated = self._collators[task](rows)
         self.num_truncated[task] += collated.num_truncated
         return collated.tensors
 
@@ -321,7 +321,8 @@ class Trainer:
                 continue
             n = len(source) if split != "dev" or not self.cfg.train.eval_max_rows else min(
                 len(source), self.cfg.train.eval_max_rows)
-            local = predict_rows(self.engine, self.model, name, source, n, self.ctx, self._collate_eval(name),
+            local = predict_rows(self.engine, self.model, name, source, n, self.ctx,
+                                 lambda rows, name=name: self._collators[name](rows).tensors,
                                  self.cfg.train.eval_batch_size // self.ctx.world_size)
             gathered = [None] * self.ctx.world_size if self.is_main else None
             dist.gather_object(local, gathered, dst=0)
@@ -329,10 +330,6 @@ class Trainer:
                 meta = source.take(np.arange(n))
                 results[name] = (np.concatenate(gathered), meta)
         return results
-
-    def _collate_eval(self, task: str):
-        tok, encoding, max_length = self.tokenizer, encoding_for(self.cfg.tasks[task]), self.cfg.model.max_length
-        return lambda rows: collate(rows, encoding, max_length, tok.cls_id, tok.sep_id, tok.pad_id).tensors
 
     def evaluate(self, split: str) -> Metrics:
         """Metrics of every labelled task on `split`, identical on all ranks."""

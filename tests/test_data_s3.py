@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -119,3 +120,23 @@ def test_corpus_to_s3_and_a_changed_object_is_caught(s3, tokenizer, tmp_path):
     s3.invalidate_cache()
     with pytest.raises(ShardError, match=r"shard-00001\.arrows: block 4 .*checksum"):
         open_source(url).take([512])
+
+
+def test_ray_engine_reads_the_corpus_from_s3(ray_session, s3, tokenizer, tmp_path, monkeypatch):
+    """Ray actors fetch their byte ranges from S3 themselves, with the driver's endpoint and keys."""
+    from dist_minbert.data import engine_ray
+
+    monkeypatch.setattr(engine_ray, "RANGE_BYTES", 2048)
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(b"".join(f"sentence {i} on the object store\n".encode() if i % 97 else b"\n" for i in range(1500)))
+    s3.put(str(path), "dist-minbert-test/raw/corpus.txt")
+    data = DataConfig(shard_rows=512, shuffle_block_rows=128, max_reject_fraction=0.05, prepare_engine="ray",
+                      prepare_workers=2)
+    url = "s3://dist-minbert-test/shards/corpus-ray"
+    remote = prepare_corpus("s3://dist-minbert-test/raw/corpus.txt", url, tokenizer, 16, data, progress=False)
+    local = prepare_corpus(str(path), str(tmp_path / "local"), tokenizer, 16,
+                           dataclasses.replace(data, prepare_engine="local"), progress=False)
+    assert remote.shards == local.shards and remote.num_rows == 1500 - 16
+    remote_rejects = s3.cat_file(f"{url}/rejects.tsv").decode()
+    assert remote_rejects == (tmp_path / "local" / "rejects.tsv").read_text().replace(str(path), "s3://dist-minbert-test/raw/corpus.txt")
+    assert "s3://dist-minbert-test/raw/corpus.txt\t98\tempty_text" in remote_rejects

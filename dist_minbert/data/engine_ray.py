@@ -60,7 +60,10 @@ def ray_chunks(path: str, tokenizer: WordPieceTokenizer, max_tokens: int, data: 
     ds = ray.data.from_items([{"start": s, "end": e} for s, e in ranges], override_num_blocks=len(ranges))
     ds.context.execution_options.preserve_order = True  # the writer needs file order; numbering depends on it
     ds.context.enable_progress_bars = False  # prepare shows its own, by bytes
-    ds = ds.map_batches(_RangeEncoder, fn_constructor_args=(path, tokenizer, max_tokens, data.max_line_bytes),
+    # The driver's fsspec settings for the protocol (endpoint, credentials from its env or config) go with
+    # the actors, so they read the file as the driver sees it; nodes without those settings could not.
+    storage = fsspec.config.conf.get(fsspec.utils.get_protocol(path), {})
+    ds = ds.map_batches(_RangeEncoder, fn_constructor_args=(path, storage, tokenizer, max_tokens, data.max_line_bytes),
                         batch_size=1, batch_format="pyarrow", num_cpus=1,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, workers)))
     first = 1
@@ -83,9 +86,10 @@ def available_cpus() -> int:
 class _RangeEncoder:
     """A Ray Data actor: reads byte ranges of one corpus file, judges and tokenizes their lines."""
 
-    def __init__(self, path: str, tokenizer: WordPieceTokenizer, max_tokens: int, max_line_bytes: int):
+    def __init__(self, path: str, storage: dict, tokenizer: WordPieceTokenizer, max_tokens: int,
+                 max_line_bytes: int):
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one CPU per actor: Rust threads would oversubscribe
-        self.fs, self.file_path = fsspec.core.url_to_fs(path)
+        self.fs, self.file_path = fsspec.core.url_to_fs(path, **storage)
         self.tokenizer, self.max_tokens, self.max_line_bytes = tokenizer, max_tokens, max_line_bytes
 
     def __call__(self, batch: pa.Table) -> pa.Table:

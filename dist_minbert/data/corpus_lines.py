@@ -1,14 +1,12 @@
-"""One corpus line as both prepare engines judge and encode it, so their shards are byte-identical."""
+"""Corpus lines as both prepare engines judge and number them, so their shards are byte-identical."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import chain
+
 import numpy as np
 import pyarrow as pa
 
-from dist_minbert.data.source import TOKENS
-from dist_minbert.model.tokenizer import WordPieceTokenizer
 from dist_minbert.tasks.readers import BadRowError, Reject
 
 _RAW_SHOWN = 200  # characters of a rejected line kept in rejects.tsv
@@ -24,7 +22,7 @@ class CorpusChunk:
     bytes_read: int  # input bytes these lines took, for the progress bar
 
 
-def check_line(body: bytes, max_line_bytes: int) -> tuple[str | None, tuple[str, str] | None]:
+def _check_line(body: bytes, max_line_bytes: int) -> tuple[str | None, tuple[str, str] | None]:
     """(text, None) for a usable line (its newline stripped), else (None, (reason, detail))."""
     if len(body) > max_line_bytes:
         return None, ("line_too_long", f"{len(body)} bytes, more than max_line_bytes={max_line_bytes}")
@@ -37,22 +35,10 @@ def check_line(body: bytes, max_line_bytes: int) -> tuple[str | None, tuple[str,
     return text, None
 
 
-def shown(body: bytes) -> str:
+def _shown(body: bytes) -> str:
     """What rejects.tsv keeps of a bad line: its first characters, undecodable bytes escaped."""
     text = body[:_RAW_SHOWN].decode("utf-8", errors="backslashreplace")
     return text if len(body) <= _RAW_SHOWN else f"{text}..."
-
-
-def encode_texts(tokenizer: WordPieceTokenizer, texts: list[str], max_tokens: int) -> pa.Array:
-    """Token lists as one Arrow list array built from flat numpy buffers: pa.array() on a list of
-    Python lists cost two thirds of the tokenizer's own time here."""
-    ids = tokenizer.encode(texts)
-    if max(map(len, ids), default=0) > max_tokens:
-        ids = [seq[:max_tokens] for seq in ids]
-    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
-    np.cumsum(np.fromiter(map(len, ids), np.int32, len(ids)), out=offsets[1:])
-    values = np.fromiter(chain.from_iterable(ids), np.int32, int(offsets[-1]))
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)).cast(TOKENS)
 
 
 @dataclass
@@ -67,12 +53,12 @@ class JudgedLines:
 def judge_lines(bodies: list[bytes], max_line_bytes: int) -> JudgedLines:
     judged = JudgedLines([], [], [])
     for index, body in enumerate(bodies):
-        text, problem = check_line(body, max_line_bytes)
+        text, problem = _check_line(body, max_line_bytes)
         if problem is None:
             judged.texts.append(text)
             judged.good.append(index)
         else:
-            judged.bad.append((index, *problem, shown(body)))
+            judged.bad.append((index, *problem, _shown(body)))
     return judged
 
 

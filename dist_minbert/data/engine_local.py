@@ -15,7 +15,8 @@ import fsspec
 import pyarrow as pa
 
 from dist_minbert.data.config import DataConfig
-from dist_minbert.data.corpus_lines import CorpusChunk, chunk_of, encode_texts, judge_lines
+from dist_minbert.data.corpus_lines import CorpusChunk, chunk_of, judge_lines
+from dist_minbert.data.source import encode_texts
 from dist_minbert.model.tokenizer import WordPieceTokenizer
 
 CHUNK_LINES = 8192  # corpus lines per tokenizer call

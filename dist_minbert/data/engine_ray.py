@@ -16,8 +16,8 @@ import fsspec
 import pyarrow as pa
 
 from dist_minbert.data.config import DataConfig
-from dist_minbert.data.corpus_lines import CorpusChunk, JudgedLines, chunk_of, encode_texts, judge_lines
-from dist_minbert.data.source import TOKENS
+from dist_minbert.data.corpus_lines import CorpusChunk, JudgedLines, chunk_of, judge_lines
+from dist_minbert.data.source import TOKENS, encode_texts
 from dist_minbert.model.tokenizer import WordPieceTokenizer
 
 RANGE_BYTES = 8 << 20  # input bytes per Ray Data task: ~80k lines of Wikipedia sentences
@@ -79,7 +79,6 @@ def ray_chunks(path: str, tokenizer: WordPieceTokenizer, max_tokens: int, data: 
 def available_cpus() -> int:
     """CPUs of the Ray cluster this process is connected to (starting a local one if none)."""
     import ray
-
     return int(ray.cluster_resources().get("CPU", 1))
 
 

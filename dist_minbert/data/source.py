@@ -7,6 +7,7 @@ specials), b: list<int32> (pair tasks), label: float64 (labelled splits), line: 
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import TYPE_CHECKING, Protocol, Sequence
 
 import numpy as np
@@ -83,11 +84,20 @@ def tokenize_rows(rows: TaskRows, tokenizer: WordPieceTokenizer, max_tokens: int
     columns: dict[str, pa.Array] = {"id": pa.array(rows.ids, pa.string())}
     sides = {"a": rows.a} if rows.b is None else {"a": rows.a, "b": rows.b}
     for name, texts in sides.items():
-        ids = tokenizer.encode(texts)
-        if max_tokens is not None:
-            ids = [seq[:max_tokens] for seq in ids]
-        columns[name] = pa.array(ids, TOKENS)
+        columns[name] = encode_texts(tokenizer, texts, max_tokens)
     if rows.labels is not None:
         columns["label"] = pa.array(rows.labels, pa.float64())
     columns["line"] = pa.array(rows.lines, pa.int64())
     return pa.table(columns, schema=task_schema(rows.b is not None, rows.labels is not None))
+
+
+def encode_texts(tokenizer: WordPieceTokenizer, texts: list[str], max_tokens: int | None = None) -> pa.Array:
+    """Token lists (cut to max_tokens) as one Arrow list array built from flat numpy buffers:
+    pa.array() on a list of Python lists cost two thirds of the tokenizer's own time here."""
+    ids = tokenizer.encode(texts)
+    if max_tokens is not None and max(map(len, ids), default=0) > max_tokens:
+        ids = [seq[:max_tokens] for seq in ids]
+    offsets = np.zeros(len(ids) + 1, dtype=np.int32)
+    np.cumsum(np.fromiter(map(len, ids), np.int32, len(ids)), out=offsets[1:])
+    values = np.fromiter(chain.from_iterable(ids), np.int32, int(offsets[-1]))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)).cast(TOKENS)

@@ -77,8 +77,11 @@ def ray_chunks(path: str, tokenizer: WordPieceTokenizer, max_tokens: int, data: 
 
 
 def available_cpus() -> int:
-    """CPUs of the Ray cluster this process is connected to (starting a local one if none)."""
+    """CPUs of the Ray cluster this process is connected to (RAY_ADDRESS's, or a new local one, if none yet)."""
     import ray
+
+    if not ray.is_initialized():
+        ray.init()
     return int(ray.cluster_resources().get("CPU", 1))
 
 

@@ -1,11 +1,11 @@
 """Where the time of one CPU training step goes, part by part, side by side in one run.
 
-The demo (configs/demo.yaml) runs 2 Ray workers × 1 thread; per step each rank takes 32 rows of
-every task. This script builds rank 0's batches with the real data path (prepared Arrow shards,
-TaskStream, collate) and times, on one thread: the data path, our encoder against
-transformers.BertModel, SDPA variants, dropout masks, the heads, the optimizer, a whole step in a
-plain torch loop against the same step through a DeepSpeed engine (ZeRO 0, single-process gloo
-group), and the evaluation forward.
+The demo (configs/demo.yaml) runs 2 Ray workers × 1 thread; per step each rank takes half of every
+task's global batch (32 SST rows, 16 QQP and 16 STS pairs; a bi-encoder pair is two encoder passes).
+This script builds rank 0's batches with the real data path (prepared Arrow shards, TaskStream,
+collate) and times, on one thread: the data path, our encoder against transformers.BertModel, SDPA
+variants, dropout masks, the heads, the optimizer, a whole step in a plain torch loop against the same
+step through a DeepSpeed engine (ZeRO 0, single-process gloo group), and the evaluation forward.
 
 Times are CPU milliseconds of this process (time.process_time), medians over --reps: other
 developers share the 2 cores, so wall time mostly measures them; the wall median stands beside it.
@@ -99,8 +99,15 @@ def rank_batches(cfg: RunConfig, tokenizer: WordPieceTokenizer, inputs: dict[str
     return steps
 
 
+def encoder_passes(batch: Batch) -> list[Batch]:
+    """The encoder inputs of a task batch: one pass for single and cross batches, two (a_, b_) for bi-encoder pairs."""
+    prefixes = ("a_", "b_") if "a_input_ids" in batch else ("",)
+    return [{key: batch[prefix + key] for key in ("input_ids", "attention_mask", "token_type_ids")}
+            for prefix in prefixes]
+
+
 def shape_note(steps: list[dict[str, Batch]]) -> str:
-    masks = [b["attention_mask"] for step in steps for b in step.values()]
+    masks = [p["attention_mask"] for step in steps for b in step.values() for p in encoder_passes(b)]
     real = sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
     widths = sorted({m.size(1) for m in masks})
     return f"batch widths {widths[0]}..{widths[-1]}; real tokens {real:.0%} of the padded grid"
@@ -108,17 +115,18 @@ def shape_note(steps: list[dict[str, Batch]]) -> str:
 
 # -- encoder -----------------------------------------------------------------------------------------------------
 def encoder_rows(cfg: RunConfig, steps: list[dict[str, Batch]], report: Report, reps: int) -> None:
-    """Forward + backward of the three task batches of a step, through each encoder, in training mode."""
+    """Forward + backward of every encoder pass of a step's task batches, through each encoder, in training mode."""
     import transformers
 
-    report.section(f"encoder forward+backward, 3 task batches per step ({shape_note(steps)})")
+    report.section(f"encoder forward+backward, the passes of a step's {len(steps[0])} task batches "
+                   f"({shape_note(steps)})")
     path = resolve_checkpoint(cfg.model.checkpoint)
     dropout = {"hidden_dropout_prob": cfg.model.dropout, "attention_probs_dropout_prob": cfg.model.dropout}
     ours = load_encoder(cfg.model.checkpoint, dropout=cfg.model.dropout).train()
     step = itertools.cycle(steps).__next__  # each timed call sees another step's batches
 
     def run(encoder: torch.nn.Module, all_real: bool = False, autocast: bool = False) -> None:
-        for batch in step().values():
+        for batch in (p for b in step().values() for p in encoder_passes(b)):
             mask = torch.ones_like(batch["attention_mask"]) if all_real else batch["attention_mask"]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 out = encoder(batch["input_ids"], mask, batch["token_type_ids"])
@@ -195,12 +203,13 @@ def dropout_rows(batch: Batch, hidden_size: int, report: Report, reps: int) -> N
 
 # -- heads, optimizer, whole step --------------------------------------------------------------------------------
 def heads_rows(model: MultitaskModel, steps: list[dict[str, Batch]], report: Report, reps: int) -> None:
-    report.section("task heads + losses forward+backward on pooled vectors (3 tasks)")
+    report.section(f"task heads + losses forward+backward on pooled vectors ({len(steps[0])} tasks)")
     H = model.encoder.config.hidden_size
-    pooled = {task: torch.randn(len(b["labels"]), H, requires_grad=True) for task, b in steps[0].items()}
+    pooled = {task: [torch.randn(len(b["labels"]), H, requires_grad=True) for _ in encoder_passes(b)]
+              for task, b in steps[0].items()}  # a bi-encoder head takes one vector per text
 
     def run() -> None:
-        total = sum(model.loss(task, model.heads[task](v), steps[0][task]["labels"]) for task, v in pooled.items())
+        total = sum(model.loss(task, model.heads[task](*v), steps[0][task]["labels"]) for task, v in pooled.items())
         total.backward()
 
     report.row("heads: " + ", ".join(f"{t}={model.tasks[t].head}" for t in pooled), measure(run, 20 * reps))
@@ -314,8 +323,10 @@ def evaluation_rows(cfg: RunConfig, tokenizer: WordPieceTokenizer, inputs: dict[
         encoding = encoding_for(cfg.tasks[name])
         by_length = np.argsort(source.row_lengths(0, n), kind="stable")
         for order_name, order in (("file order", np.arange(n)), ("sorted by length", by_length)):
-            batches = [collate(source.take(order[i:i + batch_size]), encoding, cfg.model.max_length, tokenizer.cls_id,
-                               tokenizer.sep_id, tokenizer.pad_id).tensors for i in range(0, n, batch_size)]
+            batches = [p for i in range(0, n, batch_size)
+                       for p in encoder_passes(collate(source.take(order[i:i + batch_size]), encoding,
+                                                       cfg.model.max_length, tokenizer.cls_id, tokenizer.sep_id,
+                                                       tokenizer.pad_id).tensors)]
 
             @torch.no_grad()
             def run() -> None:
@@ -354,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
                                   barrier=lambda: None, splits=("train", "dev"))
         steps = rank_batches(cfg, tokenizer, inputs, 4, report, args.reps)
         encoder = load_encoder(cfg.model.checkpoint, dropout=cfg.model.dropout).train()
-        widest = max(steps[0].values(), key=lambda b: b["input_ids"].size(1))
+        widest = max((p for b in steps[0].values() for p in encoder_passes(b)), key=lambda p: p["input_ids"].size(1))
         model = MultitaskModel(encoder, cfg.tasks, cfg.model.pooling).train()
         sections = {
             "encoder": lambda: encoder_rows(cfg, steps, report, args.reps),

@@ -104,8 +104,6 @@ def test_auto_is_ray_when_a_cluster_is_given(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
     assert resolve_engine(DataConfig()) == "ray"
     assert resolve_engine(DataConfig(prepare_engine="local")) == "local"
-    with pytest.raises(ValueError, match="^prepare_engine: 'spark'"):
-        DataConfig(prepare_engine="spark")
 
 
 def test_prepare_command_on_the_connected_cluster(ray_session, tmp_path, corpus, capsys, monkeypatch):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -66,15 +70,40 @@ def test_annealed_probabilities_and_draw_frequencies():
 
 
 @pytest.mark.parametrize("name", ["annealed", "temperature"])
-def test_k_distinct_tasks_per_step_identical_on_every_rank(name):
+def test_k_distinct_tasks_per_step(name):
     cfg = ScheduleConfig(name=name, steps_per_epoch=200, tasks_per_step=2)
     draws = [tasks_for_step(cfg, 9, 1, s, SIZES, BATCH, num_epochs=3) for s in range(200)]
     assert all(len(d) == 2 for d in draws)
-    # Another rank (a fresh call with the same inputs) computes the same schedule; another seed differs.
-    assert draws == [tasks_for_step(cfg, 9, 1, s, SIZES, BATCH, num_epochs=3) for s in range(200)]
-    assert draws != [tasks_for_step(cfg, 10, 1, s, SIZES, BATCH, num_epochs=3) for s in range(200)]
+    assert draws != [tasks_for_step(cfg, 10, 1, s, SIZES, BATCH, num_epochs=3) for s in range(200)]  # seed matters
     # Every pair shows up, and task order follows `sizes`.
     assert {tuple(d) for d in draws} == {("sst", "qqp"), ("sst", "sts"), ("qqp", "sts")}
+
+
+# What one rank computes: for every schedule, the steps of epochs 0-2, each as its [(task, global batch), ...].
+_RANK = """
+import json, sys
+from dist_minbert.data.config import ScheduleConfig
+from dist_minbert.data.schedule import SCHEDULES, steps_in_epoch, tasks_for_step
+sizes, batch = json.loads(sys.argv[1])
+out = {"task_set_order": list(set(sizes))}
+for name in SCHEDULES:
+    cfg = ScheduleConfig(name=name, steps_per_epoch_fraction=0.5, tasks_per_step=2)
+    out[name] = [[list(tasks_for_step(cfg, 9, e, s, sizes, batch, 3).items())
+                  for s in range(steps_in_epoch(cfg, e, sizes, batch, 3))] for e in range(3)]
+print(json.dumps(out))
+"""
+
+
+def test_every_rank_computes_the_same_schedule():
+    # Two processes stand in for two ranks: each computes the schedule alone, as the trainer's ranks do. Their
+    # hash seeds differ, so a schedule that leaned on set order, hash() or unseeded global random state would
+    # differ between them; the per-step task order must match too, since ranks run the tasks' collectives in it.
+    ranks = [subprocess.run([sys.executable, "-c", _RANK, json.dumps([SIZES, BATCH])], capture_output=True, text=True,
+                            check=True, env={**os.environ, "PYTHONHASHSEED": str(hash_seed)}) for hash_seed in (1, 2)]
+    first, second = (json.loads(rank.stdout) for rank in ranks)
+    assert first.pop("task_set_order") != second.pop("task_set_order")  # the processes do iterate sets differently
+    assert set(first) == set(SCHEDULES) and first == second
+    assert first["annealed"] != first["temperature"]  # not one trivial schedule for all
 
 
 def test_temperature_probabilities():

@@ -34,16 +34,26 @@ def _global_batch(streams: list[TaskStream], batch: int) -> list[str]:
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_ranks_are_disjoint_complete_and_world_size_free(world_size):
+def test_ranks_are_disjoint_and_complete(world_size):
     num_rows, batch = 120, 12
     streams = _streams(_table(num_rows), world_size)
     epoch0 = [_global_batch(streams, batch) for _ in range(num_rows // batch)]
     seen = [i for b in epoch0 for i in b]
     assert sorted(seen) == sorted(f"r{i}" for i in range(num_rows))  # each row once
     assert all(s.state_dict()["epoch"] == 1 and s.state_dict()["consumed"] == 0 for s in streams)
-    # The same global sequence whatever the world size.
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_union_of_the_ranks_is_the_single_rank_sequence(world_size):
+    num_rows, batch, num_steps = 126, 12, 21  # two epochs; 126 is not a multiple of 12, so a batch spans both
     single = _streams(_table(num_rows), 1)[0]
-    assert seen == [i for _ in range(num_rows // batch) for i in single.next_batch(batch)["id"]]
+    expected = [single.next_batch(batch)["id"] for _ in range(num_steps)]
+    streams = _streams(_table(num_rows), world_size)
+    for step in expected:
+        per_rank = [s.next_batch(batch)["id"] for s in streams]
+        assert sorted(i for ids in per_rank for i in ids) == sorted(step)  # together, the ranks take the global batch
+        # and in its order: position r + N*k of the global batch is rank r's k-th row.
+        assert [per_rank[r][k] for k in range(batch // world_size) for r in range(world_size)] == step
 
 
 def test_epochs_roll_over_with_full_batches_and_a_new_order():
@@ -70,7 +80,7 @@ def test_rows_carry_all_columns_of_the_same_row():
         assert (a, label, line) == ([i, i + 1], float(i % 5), i + 2)
 
 
-@pytest.mark.parametrize("before,after", [(2, 2), (2, 1), (1, 2), (2, 4), (4, 3)])
+@pytest.mark.parametrize("before,after", [(2, 2), (2, 1), (1, 2), (3, 2), (2, 4), (4, 3)])
 def test_resume_equals_uninterrupted_also_on_another_world_size(before, after):
     num_rows, batch, stop, total = 97, 12, 11, 30  # stop mid-epoch 1
     uninterrupted_streams = _streams(_table(num_rows), 1)

@@ -14,7 +14,6 @@ def _task(**overrides) -> TaskConfig:
 @pytest.mark.parametrize(
     "overrides, field",
     [
-        ({"kind": "ranking"}, "kind"),
         ({"text_columns": ["sentence1"]}, "text_columns"),
         ({"text_columns": ["sentence1", ""]}, "text_columns"),
         ({"text_columns": ["sentence1", "similarity"]}, "text_columns"),

@@ -10,7 +10,6 @@ from dist_minbert.tasks.config import TaskConfig
 from dist_minbert.tasks.readers import BadRowError, Reject, read_task_file, write_rejects
 from dist_minbert.tasks.registry import BUILTIN_TASKS
 
-SHARED = Path("/work/shared/data/cs224n")
 SST = TaskConfig(**BUILTIN_TASKS["sst"])
 STS = TaskConfig(**BUILTIN_TASKS["sts"])
 SST_HEADER = b"\tid\tsentence\tsentiment\n"
@@ -116,28 +115,28 @@ def test_write_rejects_round_trips_rows_with_tabs_and_quotes(tmp_path):
     [("sst", "train", 8544), ("sst", "dev", 1101), ("sts", "train", 6040), ("sts", "dev", 863),
      ("sts", "test", 1725), ("qqp", "dev", 2000)],
 )
-def test_shared_files_read_completely(name, split, num_rows):
+def test_shared_files_read_completely(shared_data, name, split, num_rows):
     task = TaskConfig(**BUILTIN_TASKS[name])
-    rows = read_task_file(str(SHARED / getattr(task, split)), task, labelled=split != "test", on_bad_row="error")
+    rows = read_task_file(str(shared_data / getattr(task, split)), task, labelled=split != "test", on_bad_row="error")
     assert len(rows.ids) == len(rows.a) == len(rows.lines) == num_rows
     assert rows.lines == list(range(2, num_rows + 2))  # no multi-line rows in these files
 
 
-def test_shared_sst_test_file_with_irregular_header():
-    rows = read_task_file(str(SHARED / SST.test), SST, labelled=False, on_bad_row="error")
+def test_shared_sst_test_file_with_irregular_header(shared_data):
+    rows = read_task_file(str(shared_data / SST.test), SST, labelled=False, on_bad_row="error")
     assert len(rows.ids) == 2210 and rows.labels is None
     assert rows.ids[:2] == ["b7573736a6ddf7be102b7fee0", "d17a8752e342834fd18b31aaa"]
     assert rows.a[0] == "Effective but too-tepid biopic"
     assert all(len(i) == 25 for i in rows.ids)
 
 
-def test_shared_qqp_train_has_two_malformed_rows():
+def test_shared_qqp_train_has_two_malformed_rows(shared_data):
     # 14,214 data rows; pandas reads a NaN label on line 1777 and a NaN sentence2 on line 10001.
     qqp = TaskConfig(**BUILTIN_TASKS["qqp"])
-    rows = read_task_file(str(SHARED / qqp.train), qqp, labelled=True, on_bad_row="reject")
+    rows = read_task_file(str(shared_data / qqp.train), qqp, labelled=True, on_bad_row="reject")
     assert len(rows.ids) == len(rows.b) == len(rows.labels) == 14212
     assert [(r.line, r.reason) for r in rows.rejects] == [(1777, "bad_label"), (10001, "empty_text")]
     assert set(rows.labels) == {0.0, 1.0}
     assert rows.a[0].startswith('"Which is correct grammar')
     with pytest.raises(BadRowError, match=r"quora-train.csv:1777: bad_label"):
-        read_task_file(str(SHARED / qqp.train), qqp, labelled=True, on_bad_row="error")
+        read_task_file(str(shared_data / qqp.train), qqp, labelled=True, on_bad_row="error")

@@ -37,8 +37,6 @@ class DataConfig:
     prepare_workers: int = 0
 
     def __post_init__(self) -> None:
-        if self.on_bad_row not in ("error", "reject"):
-            raise ValueError(f"on_bad_row: {self.on_bad_row!r} is not a policy; allowed: 'error', 'reject'")
         if self.prefetch < 0:
             raise ValueError(f"prefetch: {self.prefetch} is negative; allowed: an integer >= 0")
         if self.shuffle_block_rows < 1:
@@ -57,8 +55,6 @@ class DataConfig:
             raise ValueError(f"max_reject_fraction: {self.max_reject_fraction} is out of range; allowed: 0 <= x <= 1")
         if self.max_line_bytes < 1:
             raise ValueError(f"max_line_bytes: {self.max_line_bytes} is too small; allowed: an integer >= 1")
-        if self.prepare_engine not in ("auto", "local", "ray"):
-            raise ValueError(f"prepare_engine: {self.prepare_engine!r} is not an engine; allowed: 'auto', 'local', 'ray'")
         if self.prepare_workers < 0:
             raise ValueError(f"prepare_workers: {self.prepare_workers} is negative; allowed: 0 (one per core) or more")
 
@@ -91,9 +87,6 @@ class ScheduleConfig:
     batch_multiple: int = 8
 
     def __post_init__(self) -> None:
-        names = ("round_robin", "proportional_batch", "annealed", "temperature", "staggered")
-        if self.name not in names:
-            raise ValueError(f"name: {self.name!r} is not a schedule; allowed: {', '.join(names)}")
         if self.steps_per_epoch is not None and self.steps_per_epoch_fraction is not None:
             raise ValueError(
                 "steps_per_epoch: set together with steps_per_epoch_fraction; allowed: at most one of the two"

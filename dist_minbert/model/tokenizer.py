@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Any
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Encoding, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from dist_minbert.model.checkpoint import resolve_checkpoint
 from dist_minbert.model.folder import Folder
@@ -61,9 +61,13 @@ class WordPieceTokenizer:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """WordPiece ids of each text, without special tokens and untruncated; one parallel call into Rust."""
+        return [encoding.ids for encoding in self.encode_batch(texts)]
+
+    def encode_batch(self, texts: list[str]) -> list[Encoding]:
+        """The Rust call behind encode(), alone: `bench data` times it as the most prepare can reach."""
         # encode_batch_fast (tokenizers ≥ 0.20) skips character offsets, which nothing here reads: ~20% faster.
         encode_batch = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
-        return [encoding.ids for encoding in encode_batch(texts, add_special_tokens=False)]
+        return encode_batch(texts, add_special_tokens=False)
 
     def save(self, out_dir: str) -> None:
         """Writes what AutoTokenizer reads: tokenizer.json, vocab.txt, tokenizer_config.json, special_tokens_map."""

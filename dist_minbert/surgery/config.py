@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 SurgeryMode = Literal["sum", "pcgrad_local", "pcgrad"]
 WeightingName = Literal["pcgrad", "upgrad", "mgda"]
@@ -22,7 +22,12 @@ class SurgeryConfig:
     plan: PlanName = "auto"
 
     def __post_init__(self) -> None:
-        for name, allowed in (("mode", SurgeryMode), ("weighting", WeightingName), ("plan", PlanName)):
-            value = getattr(self, name)
-            if value not in get_args(allowed):
-                raise ValueError(f"{name}: {value!r} is unknown; allowed: {', '.join(get_args(allowed))}")
+        # The loader has checked the names against the Literals; this runs the weighting once, so a missing
+        # torchjd or QP solver stops the run when the config loads, not at the first step on every worker.
+        if self.mode != "sum":
+            from dist_minbert.surgery.pcgrad import check_weighting  # imports torch: only for the pcgrad modes
+
+            try:
+                check_weighting(self.weighting)
+            except ImportError as error:
+                raise ValueError(f"weighting: {self.weighting!r} cannot run here: {error}") from error

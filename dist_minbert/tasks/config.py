@@ -52,9 +52,6 @@ class TaskConfig:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        kinds = tuple(_NUM_TEXT_COLUMNS)
-        if self.kind not in kinds:
-            raise ValueError(f"kind: {self.kind!r} is not a task kind; allowed: {', '.join(kinds)}")
         expected = _NUM_TEXT_COLUMNS[self.kind]
         if len(self.text_columns) != expected or not all(self.text_columns):
             raise ValueError(f"text_columns: {self.text_columns!r} does not fit kind {self.kind}; "

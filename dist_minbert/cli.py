@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dist_minbert.config import load_config
     from launch.ray_run import run_training
 
+    _set_verbose(args.verbose)
     overrides = list(args.overrides)
     if args.resume:
         resume = args.resume if args.resume == "latest" else str(Path(args.resume).resolve())
@@ -33,6 +35,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = run_training(cfg)
     _print_summary(summary)
     return 0
+
+
+def _set_verbose(verbose: bool) -> None:
+    """--verbose as the environment variable the launcher and its workers read (launch/output.py)."""
+    from launch.output import VERBOSE_ENV
+
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
 
 
 def _print_summary(summary: dict) -> None:
@@ -141,8 +151,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as work_dir:
             report = run_data_benchmark(work_dir, num_lines=args.lines, prepare_engine=args.engine)
     else:
-        from dist_minbert.bench.pcgrad import run_pcgrad_benchmark
+        from launch.bench_pcgrad import run_pcgrad_benchmark
 
+        _set_verbose(args.verbose)
         report = run_pcgrad_benchmark()
     print(json.dumps(report, indent=None if args.json else 2))
     return 0
@@ -157,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="PATH|latest",
                        help="continue from a checkpoint folder (or a run folder's latest), or from the latest "
                             "checkpoint in train.output_dir; also on another number of workers")
+    train.add_argument("--verbose", action="store_true", help="also print Ray's and DeepSpeed's own log lines "
+                                                             "(or set DIST_MINBERT_VERBOSE=1)")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. workers.num_workers=1")
     train.set_defaults(func=cmd_train)
 
@@ -184,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="one line of JSON")
     bench.add_argument("--lines", type=int, default=1_000_000, help="bench data: corpus lines to generate")
     bench.add_argument("--engine", choices=["local", "ray"], default="local", help="bench data: the prepare engine")
+    bench.add_argument("--verbose", action="store_true", help="bench pcgrad: also Ray's and DeepSpeed's log lines")
     bench.set_defaults(func=cmd_bench)
 
     export = sub.add_parser("export", help="write a Hugging Face BERT folder (AutoModel.from_pretrained loads it)")

@@ -15,12 +15,13 @@ import yaml
 from dist_minbert.config_loader import ConfigError, apply_override, build, parse_override, to_plain
 from dist_minbert.data.config import DataConfig, ScheduleConfig
 from dist_minbert.engine.checkpointing import CheckpointConfig
-from dist_minbert.engine.config import DeepSpeedConfig, OptimConfig, TrainConfig, WorkersConfig
+from dist_minbert.engine.config import DeepSpeedConfig, OptimConfig, TrainConfig
 from dist_minbert.model.config import ModelConfig
 from dist_minbert.observe.config import ObserveConfig
 from dist_minbert.surgery.config import SurgeryConfig
 from dist_minbert.tasks.config import TaskConfig
 from dist_minbert.tasks.registry import BUILTIN_TASKS
+from launch.config import WorkersConfig
 
 __all__ = ["ConfigError", "RunConfig", "load_config", "config_from_dict", "save_config"]
 

@@ -1,17 +1,18 @@
-"""Start (or join) Ray and run the training job on a TorchTrainer of DeepSpeed workers."""
+"""Start (or join) Ray and run jobs on Ray Train workers: the one place a TorchTrainer is built."""
 from __future__ import annotations
 
+import functools
 import json
-import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from dist_minbert.config import RunConfig
 from dist_minbert.config_loader import to_plain
-from launch.worker import threads_for, train_worker
-
-log = logging.getLogger(__name__)
+from launch import output
+from launch.config import WorkersConfig
+from launch.worker import run_worker, threads_for, train_worker
 
 
 def connect(address: str, num_cpus: int | None = None) -> None:
@@ -22,36 +23,63 @@ def connect(address: str, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **output.ray_init_options(local=False))
     else:
         # "local": always a new instance of our own, never a stray `ray start` cluster found on the machine.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **output.ray_init_options(local=True))
+
+
+def fit_on_workers(worker_fn: Callable[[dict], None], loop_config: dict, workers: WorkersConfig, storage_path: str,
+                   name: str, num_checkpoints_to_keep: int | None = None) -> None:
+    """`worker_fn(loop_config)` on `workers.num_workers` Ray Train workers; returns when all have finished.
+
+    Ray Train restarts the group up to `workers.max_failures` times; `name` is the run's folder under
+    `storage_path`, where Ray keeps the reported checkpoints (the newest `num_checkpoints_to_keep`, or all).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    connect(workers.address)
+    threads = threads_for(workers.cpus_per_worker, workers.threads_per_worker)
+    # OpenMP reads its thread count once, at process start: the environment is the only place to set it.
+    env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", **output.worker_env(workers.use_gpu)}
+    TorchTrainer(
+        functools.partial(run_worker, worker_fn, threads),
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if workers.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
+                                     resources_per_worker={"CPU": workers.cpus_per_worker}),
+        run_config=RayRunConfig(
+            name=name, storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=workers.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=num_checkpoints_to_keep),
+            worker_runtime_env={"env_vars": env}, logging_config=output.train_logging_config()),
+    ).fit()
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """The files a run starts from, checked before Ray starts: missing, they would fail every worker instead,
+    as a Ray error. Raises FileNotFoundError; a checkpoint behind a URL is left to the workers."""
+    from dist_minbert.engine.checkpointing import CHECKPOINTS_DIR, resolve_resume
+    from dist_minbert.model.checkpoint import EMBEDDED
+
+    model = cfg.model.checkpoint
+    if model != EMBEDDED and "://" not in model and not (Path(model) / "config.json").is_file():
+        raise FileNotFoundError(f"model.checkpoint: {model} is not a checkpoint folder (no config.json there); "
+                                f"allowed: a Hugging Face BERT folder, an fsspec URL, or {EMBEDDED!r}")
+    resolve_resume(cfg.checkpoint.resume, Path(cfg.train.output_dir) / CHECKPOINTS_DIR)
 
 
 def run_training(cfg: RunConfig) -> dict:
     """Fit on Ray Train; returns the run's summary.json (written by rank 0)."""
-    from ray.train import CheckpointConfig as RayCheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    connect(cfg.workers.address)
+    check_inputs(cfg)
     out = Path(cfg.train.output_dir)
-    threads = threads_for(cfg.workers.cpus_per_worker, cfg.workers.threads_per_worker)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"config": to_plain(cfg)},
-        torch_config=TorchConfig(backend="nccl" if cfg.workers.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.workers.num_workers, use_gpu=cfg.workers.use_gpu,
-                                     resources_per_worker={"CPU": cfg.workers.cpus_per_worker}),
-        run_config=RayRunConfig(
-            # One Ray run per launch: Ray Train would otherwise restore an earlier launch's reported checkpoints
-            # into this one; continuing a run is what `--resume` says, restarts within a launch are Ray's.
-            name=f"ray_train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", storage_path=str(out),
-            failure_config=FailureConfig(max_failures=cfg.workers.max_failures),
-            checkpoint_config=RayCheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}}),
-    )
     started = time.perf_counter()
-    trainer.fit()
+    # One Ray run per launch: Ray Train would otherwise restore an earlier launch's reported checkpoints
+    # into this one; continuing a run is what `--resume` says, restarts within a launch are Ray's.
+    fit_on_workers(train_worker, {"config": to_plain(cfg)}, cfg.workers, str(out),
+                   name=f"ray_train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+                   num_checkpoints_to_keep=cfg.checkpoint.keep_last)
     summary = json.loads((out / "summary.json").read_text())
     summary["job_wall_s"] = time.perf_counter() - started  # the whole job as the user waits for it
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
+
+from launch.output import configure_worker_logging
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +29,18 @@ def threads_for(cpus_per_worker: float, threads_per_worker: int) -> int:
     return threads_per_worker or max(1, int(cpus_per_worker))
 
 
+def run_worker(worker_fn: Callable[[dict], None], threads: int, loop_config: dict) -> None:
+    """Every job's worker entry: torch threads as the launcher reserved, our log lines only unless verbose."""
+    torch.set_num_threads(threads)
+    configure_worker_logging()
+    worker_fn(loop_config)
+
+
 def train_worker(loop_config: dict) -> None:
     from dist_minbert.config import config_from_dict
     from dist_minbert.engine.trainer import DistContext, Trainer
 
     cfg = config_from_dict(loop_config["config"])
-    threads = threads_for(cfg.workers.cpus_per_worker, cfg.workers.threads_per_worker)
-    torch.set_num_threads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg.checkpoint.resume = _resume_point(cfg)
     if cfg.workers.use_gpu:
         import ray.train.torch

@@ -11,23 +11,16 @@ from typing import Callable
 
 from ray import cloudpickle
 
+from launch.config import WorkersConfig
+from launch.ray_run import fit_on_workers
+
 
 def run_on_workers(fn: Callable[[dict], None], config: dict, num_workers: int, out_dir: Path) -> dict:
-    """`fn(config)` on `num_workers` ranks; `config["result_path"]` is where rank 0 writes its JSON."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+    """`fn(config)` on `num_workers` ranks of one CPU each; `config["result_path"]` is where rank 0 writes its JSON."""
     cloudpickle.register_pickle_by_value(sys.modules[fn.__module__])
     result_path = out_dir / f"result-{num_workers}w.json"
-    trainer = TorchTrainer(
-        fn,
-        train_loop_config={**config, "result_path": str(result_path)},
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": 1}),
-        run_config=RunConfig(name=f"{fn.__name__}-{num_workers}w", storage_path=str(out_dir / "ray"),
-                             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}),
-    )
-    trainer.fit()
+    fit_on_workers(fn, {**config, "result_path": str(result_path)}, WorkersConfig(num_workers=num_workers),
+                   str(out_dir / "ray"), name=f"{fn.__name__}-{num_workers}w")
     return json.loads(result_path.read_text())
 
 

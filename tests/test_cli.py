@@ -1,12 +1,14 @@
 """The user's commands end to end: real 2-worker runs on Ray + DeepSpeed, then evaluate / predict / export on them.
 
 One short run per ZeRO stage (module-scoped, ~30 s each on 2 cores); every test below checks that run's files.
-The command-line error paths and the `ray job submit` helper need no Ray.
+One more run goes through the console entry, for what a job prints. The command-line error paths and the
+`ray job submit` helper need no Ray.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -21,6 +23,7 @@ import torch
 from dist_minbert.cli import main
 from dist_minbert.config import RunConfig, load_config
 from launch import submit
+from launch.output import VERBOSE_ENV
 
 torch.set_num_threads(1)
 
@@ -64,16 +67,20 @@ def stdout_json(out: str) -> dict:
     return json.loads("\n".join(lines[lines.index("{"):]))
 
 
+def short_run(checkpoint: str, data_root: Path, out: Path) -> list[str]:
+    """Overrides of the demo config for a 2-step run on 2 workers, with small batches and dev sets."""
+    return [f"model.checkpoint={checkpoint}", f"data.root={data_root}", f"train.output_dir={out}",
+            "train.max_steps=2", f"train.eval_max_rows={NUM_DEV_ROWS}", "model.max_length=32",
+            "tasks.sst.batch_size=8", "tasks.qqp.batch_size=8", "tasks.sts.batch_size=8", "workers.num_workers=2"]
+
+
 @pytest.fixture(scope="module", params=[0, 1, 2], ids=lambda stage: f"zero{stage}")
 def run(request, ray_session, tiny_checkpoint, shared_data, tmp_path_factory) -> Run:
     from launch.ray_run import run_training
 
     out = tmp_path_factory.mktemp(f"run_zero{request.param}")
-    cfg = load_config(DEMO, [
-        f"model.checkpoint={tiny_checkpoint}", f"data.root={shared_data}", f"train.output_dir={out}",
-        "train.max_steps=2", f"train.eval_max_rows={NUM_DEV_ROWS}", "model.max_length=32",
-        "tasks.sst.batch_size=8", "tasks.qqp.batch_size=8", "tasks.sts.batch_size=8",
-        "workers.num_workers=2", f"deepspeed.zero_stage={request.param}", "observe.progress=false"])
+    cfg = load_config(DEMO, [*short_run(tiny_checkpoint, shared_data, out), f"deepspeed.zero_stage={request.param}",
+                             "observe.progress=false"])
     return Run(request.param, cfg, run_training(cfg), out)
 
 
@@ -225,6 +232,38 @@ def test_export_loads_in_transformers_and_matches_our_encoder(run, tiny_checkpoi
     assert (untrained - expected).abs().max() > 1e-4  # the export holds the trained weights, not the starting ones
 
 
+# -- what a job prints --------------------------------------------------------------------------------------------
+
+# Lines of Ray and DeepSpeed that the issue found in every demo, and where they came from.
+NOISE = {
+    "Failed to query Ray Train Controller": "the placement-group cleaner, every second without a dashboard",
+    "TrainingReport(": "Ray Train's dump of each report",
+    "Checkpoint successfully created": "Ray Train, at each report",
+    "Requesting resources": "the Train controller",
+    "Started training worker group": "the Train controller",
+    "Setting up process group": "Ray Train's torch setup",
+    "core_worker": "a core worker's C++ note on the preemption watcher",
+    "Setting accelerator to CPU": "DeepSpeed's accelerator guess",
+    "Token authentication is enabled": "ray.init on the driver",
+    "(RayTrainWorker pid=": "the prefix Ray puts before every forwarded line",
+}
+
+
+@pytest.mark.distributed
+def test_train_prints_our_lines_and_none_of_rays(tiny_checkpoint, shared_data, tmp_path):
+    """`dist-minbert train` as a user runs it: a Ray instance of its own, whose workers' lines reach this process."""
+    env = {k: v for k, v in os.environ.items() if k not in (VERBOSE_ENV, "RAY_ADDRESS")}
+    done = subprocess.run([sys.executable, "-m", "dist_minbert", "train", "--config", str(DEMO),
+                           *short_run(tiny_checkpoint, shared_data, tmp_path), "observe.log_every=1"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    printed = done.stdout + done.stderr
+    ours = ["malformed rows rejected", "dev at step 0:", "step 1/2 epoch 0", "step 2/2 epoch 0", "train: 100%",
+            "== dist-minbert run summary ==", "workers 2, steps 2"]  # a warning, rank 0's lines, the bar, the summary
+    assert [line for line in ours if line not in printed] == [], printed
+    assert {line: source for line, source in NOISE.items() if line in printed} == {}, printed
+
+
 # -- error paths -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override,message", [
@@ -252,6 +291,25 @@ def test_console_entry_exits_2_on_a_bad_override():
 def test_missing_checkpoint_returns_2(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["model.checkpoint=/nonexistent/bert"], "model.checkpoint: /nonexistent/bert is not a checkpoint folder"),
+    (["--resume", "/nonexistent/run"], "checkpoint.resume='/nonexistent/run': no complete checkpoint"),
+    (["--resume", "latest"], "checkpoint.resume='latest': no complete checkpoint"),  # a new run has none yet
+])
+def test_train_from_missing_files_returns_2_before_ray_starts(argv, message, capsys, monkeypatch, tmp_path):
+    import ray
+    import ray.train.torch
+
+    def start(*args, **kwargs):
+        raise AssertionError("Ray started: the workers would be the first to find the file missing")
+
+    monkeypatch.setattr(ray, "init", start)
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", start)  # this session may already be connected
+    assert main(["train", "--config", str(DEMO), f"train.output_dir={tmp_path}", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dist-minbert train: error: ") and message in err
 
 
 def test_task_missing_from_the_checkpoint_returns_2(run, dev_heads, capsys):

@@ -9,21 +9,20 @@ all-reduce of P, the shared encoder's parameter count. The time ratios are media
 the two modes' wall-clock step times after warm-up; CPU seconds per step (the worker process, all
 threads) stand beside them because they hardly move with load from other processes. Peak gradient
 memory is the most bytes of gradient buffers a rank held at once (.grad, per-task rows, shards).
+
+This module is what the workers run and the report; the driver that launches the groups is
+launch/bench_pcgrad.py, since nothing in dist_minbert starts Ray.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
 
 from dist_minbert.surgery.config import SurgeryConfig
 
@@ -78,93 +77,6 @@ def quick_config(**overrides) -> PCGradBenchConfig:
     return PCGradBenchConfig(**{**quick, **overrides})
 
 
-def run_pcgrad_benchmark(config: PCGradBenchConfig | None = None) -> dict:
-    """Runs the 1- and 2-worker groups on Ray Train and returns the report (JSON-serialisable).
-
-    Joins the running Ray instance if there is one (RAY_ADDRESS, or ray.init() already called), else
-    starts a local one. Everything Ray, DeepSpeed and the workers print goes to stderr, so a caller
-    can print the report alone on stdout (the workers write theirs to stderr).
-    """
-    config = config or PCGradBenchConfig()
-    start = time.perf_counter()
-    load_before = os.getloadavg()
-    with contextlib.redirect_stdout(sys.stderr), _scratch(config.output_dir) as scratch:
-        data_root = _task_files(config, scratch / "data")
-        groups = {num_workers: _run_group(config, data_root, scratch, num_workers) for num_workers in (1, 2)}
-    return report(config, groups, wall_s=time.perf_counter() - start,
-                  load_average=[round(x, 2) for x in (*load_before, *os.getloadavg())])
-
-
-# -- driver side ------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _scratch(output_dir: str):
-    if output_dir:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        yield Path(output_dir).resolve()  # workers may run in another folder
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-pcgrad-") as folder:
-            yield Path(folder)
-
-
-def _task_files(config: PCGradBenchConfig, folder: Path) -> str:
-    """The data root the runs read: the shared files, or their first max_rows rows (no CS224N row spans lines)."""
-    if not config.max_rows:
-        return str(Path(config.data_root).resolve())
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in TASK_FILES.values():
-        source = Path(config.data_root) / name
-        if not source.is_file():
-            raise FileNotFoundError(f"data_root: {source} not found; "
-                                    f"allowed: a folder with {', '.join(TASK_FILES.values())}")
-        with source.open(encoding="utf-8") as lines:
-            head = [line for _, line in zip(range(config.max_rows + 1), lines)]
-        (folder / name).write_text("".join(head), encoding="utf-8")
-    return str(folder)
-
-
-def _run_config(config: PCGradBenchConfig, data_root: str, output_dir: str, num_workers: int, mode: str,
-                plan: str) -> dict:
-    """The training run a benchmark worker builds: the demo's tasks and heads, only the train splits."""
-    heads = {"sst": "linear", "qqp": "cross", "sts": "cross"}
-    num_steps = max(config.warmup_steps + config.timed_steps, 1 + config.plan_steps)
-    return {
-        "model": {"checkpoint": config.checkpoint, "dropout": config.dropout, "max_length": config.max_length},
-        "tasks": {task: {"train": file, "dev": "", "test": "", "batch_size": config.batch_size, "head": heads[task]}
-                  for task, file in TASK_FILES.items()},
-        "data": {"root": data_root},
-        "schedule": {"name": "round_robin"},
-        "surgery": asdict(SurgeryConfig(mode=mode, plan=plan)),
-        "deepspeed": {"zero_stage": config.zero_stage},
-        # Enough epochs for the longest run whatever max_rows; the learning-rate schedule spans those steps.
-        "train": {"output_dir": output_dir, "epochs": num_steps, "max_steps": num_steps},
-        "workers": {"num_workers": num_workers},
-        "observe": {"tensorboard": False, "progress": False},
-    }
-
-
-def _run_group(config: PCGradBenchConfig, data_root: str, scratch: Path, num_workers: int) -> dict:
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from launch.ray_run import connect
-
-    threads = config.threads_per_worker
-    connect("", num_cpus=2 * threads)
-    result_path = scratch / f"result-{num_workers}w.json"
-    trainer = TorchTrainer(
-        _bench_worker,
-        train_loop_config={"bench": asdict(config), "data_root": data_root, "scratch": str(scratch),
-                           "num_workers": num_workers, "threads": threads, "result_path": str(result_path)},
-        torch_config=TorchConfig(backend="gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": threads}),
-        run_config=RunConfig(name=f"bench-pcgrad-{num_workers}w", storage_path=str(scratch / "ray"),
-                             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads),
-                                                              "TOKENIZERS_PARALLELISM": "false"}}),
-    )
-    trainer.fit()
-    return json.loads(result_path.read_text())
-
-
 def report(config: PCGradBenchConfig, groups: dict[int, dict], wall_s: float, load_average: list[float]) -> dict:
     """The JSON object: per-group measurements, the headline figures, the targets and whether they pass."""
     one, two = groups[1], groups[2]
@@ -212,7 +124,7 @@ def _paired_ratio(group: dict, key: str) -> float:
 
 
 # -- worker side ------------------------------------------------------------------------------------------------
-def _bench_worker(loop_config: dict) -> None:
+def bench_worker(loop_config: dict) -> None:
     """On each Ray Train worker: the timed pair side by side, then the other plans (2 workers); rank 0 writes."""
     import torch.distributed as dist
 
@@ -222,7 +134,6 @@ def _bench_worker(loop_config: dict) -> None:
     # (after the driver's redirection may have ended): the worker's fd 1 goes to its stderr instead.
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    torch.set_num_threads(loop_config["threads"])
     config = PCGradBenchConfig(**loop_config["bench"])
     num_workers = loop_config["num_workers"]
     build = _builder(config, loop_config, num_workers)
@@ -241,7 +152,27 @@ def _bench_worker(loop_config: dict) -> None:
             run["peak_gradient_bytes"] = max(rank_runs[name]["peak_gradient_bytes"] for rank_runs in gathered)
         Path(loop_config["result_path"]).write_text(json.dumps(
             {**sizes, "num_tasks": len(TASK_FILES), "num_workers": num_workers,
-             "threads_per_worker": loop_config["threads"], "default_plan": default_plan, "runs": runs}))
+             "threads_per_worker": config.threads_per_worker, "default_plan": default_plan, "runs": runs}))
+
+
+def _run_config(config: PCGradBenchConfig, data_root: str, output_dir: str, num_workers: int, mode: str,
+                plan: str) -> dict:
+    """The training run a benchmark worker builds: the demo's tasks and heads, only the train splits."""
+    heads = {"sst": "linear", "qqp": "cross", "sts": "cross"}
+    num_steps = max(config.warmup_steps + config.timed_steps, 1 + config.plan_steps)
+    return {
+        "model": {"checkpoint": config.checkpoint, "dropout": config.dropout, "max_length": config.max_length},
+        "tasks": {task: {"train": file, "dev": "", "test": "", "batch_size": config.batch_size, "head": heads[task]}
+                  for task, file in TASK_FILES.items()},
+        "data": {"root": data_root},
+        "schedule": {"name": "round_robin"},
+        "surgery": asdict(SurgeryConfig(mode=mode, plan=plan)),
+        "deepspeed": {"zero_stage": config.zero_stage},
+        # Enough epochs for the longest run whatever max_rows; the learning-rate schedule spans those steps.
+        "train": {"output_dir": output_dir, "epochs": num_steps, "max_steps": num_steps},
+        "workers": {"num_workers": num_workers},
+        "observe": {"tensorboard": False, "progress": False},
+    }
 
 
 def _builder(config: PCGradBenchConfig, loop_config: dict, num_workers: int):

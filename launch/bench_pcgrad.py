@@ -1,0 +1,72 @@
+"""The driver of `dist-minbert bench pcgrad`: launches the 1- and 2-worker groups and builds the report.
+
+What the workers measure, and how the report reads it, is in dist_minbert/bench/pcgrad.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from dist_minbert.bench.pcgrad import TASK_FILES, PCGradBenchConfig, bench_worker, report
+from launch.config import WorkersConfig
+from launch.ray_run import connect, fit_on_workers
+
+
+def run_pcgrad_benchmark(config: PCGradBenchConfig | None = None) -> dict:
+    """Runs the 1- and 2-worker groups on Ray Train and returns the report (JSON-serialisable).
+
+    Joins the running Ray instance if there is one (RAY_ADDRESS, or ray.init() already called), else
+    starts a local one. Everything Ray, DeepSpeed and the workers print goes to stderr, so a caller
+    can print the report alone on stdout (the workers write theirs to stderr).
+    """
+    config = config or PCGradBenchConfig()
+    start = time.perf_counter()
+    load_before = os.getloadavg()
+    with contextlib.redirect_stdout(sys.stderr), _scratch(config.output_dir) as scratch:
+        data_root = _task_files(config, scratch / "data")
+        groups = {num_workers: _run_group(config, data_root, scratch, num_workers) for num_workers in (1, 2)}
+    return report(config, groups, wall_s=time.perf_counter() - start,
+                  load_average=[round(x, 2) for x in (*load_before, *os.getloadavg())])
+
+
+@contextlib.contextmanager
+def _scratch(output_dir: str):
+    if output_dir:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        yield Path(output_dir).resolve()  # workers may run in another folder
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-pcgrad-") as folder:
+            yield Path(folder)
+
+
+def _task_files(config: PCGradBenchConfig, folder: Path) -> str:
+    """The data root the runs read: the shared files, or their first max_rows rows (no CS224N row spans lines)."""
+    if not config.max_rows:
+        return str(Path(config.data_root).resolve())
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in TASK_FILES.values():
+        source = Path(config.data_root) / name
+        if not source.is_file():
+            raise FileNotFoundError(f"data_root: {source} not found; "
+                                    f"allowed: a folder with {', '.join(TASK_FILES.values())}")
+        with source.open(encoding="utf-8") as lines:
+            head = [line for _, line in zip(range(config.max_rows + 1), lines)]
+        (folder / name).write_text("".join(head), encoding="utf-8")
+    return str(folder)
+
+
+def _run_group(config: PCGradBenchConfig, data_root: str, scratch: Path, num_workers: int) -> dict:
+    threads = config.threads_per_worker
+    connect("", num_cpus=2 * threads)  # a new local instance: room for the 2-worker group, nothing more
+    result_path = scratch / f"result-{num_workers}w.json"
+    loop_config = {"bench": asdict(config), "data_root": data_root, "scratch": str(scratch),
+                   "num_workers": num_workers, "result_path": str(result_path)}
+    workers = WorkersConfig(num_workers=num_workers, cpus_per_worker=threads, threads_per_worker=threads)
+    fit_on_workers(bench_worker, loop_config, workers, str(scratch / "ray"), name=f"bench-pcgrad-{num_workers}w")
+    return json.loads(result_path.read_text())

@@ -266,7 +266,7 @@ def step_rows(cfg: RunConfig, steps: list[dict[str, Batch]], report: Report, rep
 
     _single_process_group()
     # Its own copy: a bf16 engine casts the model it wraps.
-    engine = build_engine(new_model(), cfg.deepspeed, cfg.optim, 1000, use_gpu=False, world_size=1, accumulation=1)
+    engine = build_engine(new_model(), cfg.deepspeed, cfg.optim, 1000, use_gpu=False, world_size=1)
     engine_phases = Phases()
 
     def engine_step() -> None:

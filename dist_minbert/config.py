@@ -14,8 +14,7 @@ import yaml
 
 from dist_minbert.config_loader import ConfigError, apply_override, build, parse_override, to_plain
 from dist_minbert.data.config import DataConfig, ScheduleConfig
-from dist_minbert.engine.checkpointing import CheckpointConfig
-from dist_minbert.engine.config import DeepSpeedConfig, OptimConfig, TrainConfig
+from dist_minbert.engine.config import CheckpointConfig, DeepSpeedConfig, OptimConfig, TrainConfig
 from dist_minbert.model.config import ModelConfig
 from dist_minbert.observe.config import ObserveConfig
 from dist_minbert.surgery.config import SurgeryConfig
@@ -47,12 +46,13 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError("tasks: at least one task is required")
-        n = self.workers.num_workers
+        n, accumulation = self.workers.num_workers, self.deepspeed.gradient_accumulation_steps
         for name, task in self.tasks.items():
-            if task.batch_size % n:
+            if task.batch_size % (n * accumulation):
                 raise ValueError(
                     f"tasks.{name}.batch_size: {task.batch_size} is global per step and must divide by "
-                    f"workers.num_workers={n} (each rank takes batch_size / num_workers)")
+                    f"workers.num_workers × deepspeed.gradient_accumulation_steps = {n} × {accumulation} "
+                    f"(each rank takes batch_size / num_workers, in equal micro-batches)")
         if self.train.eval_batch_size % n:
             raise ValueError(f"train.eval_batch_size: {self.train.eval_batch_size} must divide by workers.num_workers={n}")
         if self.surgery.mode != "sum" and self.deepspeed.zero_stage > 2:

@@ -38,7 +38,8 @@ def run_worker(worker_fn: Callable[[dict], None], threads: int, loop_config: dic
 
 def train_worker(loop_config: dict) -> None:
     from dist_minbert.config import config_from_dict
-    from dist_minbert.engine.trainer import DistContext, Trainer
+    from dist_minbert.engine.dist_context import DistContext
+    from dist_minbert.engine.trainer import Trainer
 
     cfg = config_from_dict(loop_config["config"])
     cfg.checkpoint.resume = _resume_point(cfg)

@@ -91,7 +91,10 @@ def test_bad_literal_lists_the_allowed_values(override, key, allowed):
     (["tasks.sts.head=linear"], "tasks.sts.head: 'linear' does not fit kind pair_regression"),
     (["data.on_bad_row=error", "data.prefetch=-1"], "data.prefetch: -1 is negative"),
     # RunConfig's own cross-section check names the task key itself.
-    (["workers.num_workers=3"], "tasks.sst.batch_size: 64 is global per step and must divide by workers.num_workers=3"),
+    (["workers.num_workers=3"], "tasks.sst.batch_size: 64 is global per step and must divide by "
+                                "workers.num_workers × deepspeed.gradient_accumulation_steps = 3 × 1"),
+    (["deepspeed.gradient_accumulation_steps=3"], "tasks.sst.batch_size: 64 is global per step and must divide by "
+                                                  "workers.num_workers × deepspeed.gradient_accumulation_steps = 2 × 3"),
 ])
 def test_post_init_error_is_prefixed_with_the_key_path(overrides, prefix):
     with pytest.raises(ConfigError) as err:

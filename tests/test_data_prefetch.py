@@ -1,4 +1,4 @@
-"""Prefetch: same steps as reading inline, off the caller's thread, bounded, errors surface, resumable."""
+"""Prefetch and the step reader: same steps as reading inline, off the caller's thread, bounded, errors surface, resumable."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pyarrow as pa
 import pytest
 
 from dist_minbert.data.collate import collate
-from dist_minbert.data.prefetch import Prefetcher, read_step
+from dist_minbert.data.prefetch import Prefetcher
 from dist_minbert.data.source import TableSource, task_schema
+from dist_minbert.data.step_reader import StepReader
 from dist_minbert.data.stream import TaskStream
 
 
@@ -31,39 +32,52 @@ def _streams(world_size=1, rank=0):
 ENCODING = {"sst": "single", "qqp": "cross"}
 
 
-def _collate(task, rows):
-    return collate(rows, ENCODING[task], 16, cls_id=1, sep_id=2, pad_id=0)
+COLLATORS = {task: (lambda rows, e=encoding: collate(rows, e, 16, cls_id=1, sep_id=2, pad_id=0))
+             for task, encoding in ENCODING.items()}
 
 
-PLAN = [{"sst": 8, "qqp": 16} if s % 3 else {"qqp": 8} for s in range(40)]
+def _plan(position):
+    return {"sst": 8, "qqp": 16} if position[1] % 3 else {"qqp": 8}
 
 
-def _steps(depth: int, plan=PLAN, streams=None):
-    streams = streams or _streams()
-    with Prefetcher(lambda p: read_step(streams, p, _collate), plan, depth) as steps:
+POSITIONS = [(0, s) for s in range(40)]
+
+
+def _steps(depth: int, positions=POSITIONS, streams=None, num_micro_batches=1):
+    reader = StepReader(streams or _streams(), COLLATORS, _plan, num_micro_batches)
+    with Prefetcher(reader, positions, depth) as steps:
         return list(steps)
 
 
 @pytest.mark.parametrize("depth", [1, 3])
 def test_prefetched_steps_equal_inline_steps(depth):
     inline, ahead = _steps(0), _steps(depth)
-    assert len(ahead) == len(PLAN)
+    assert len(ahead) == len(POSITIONS)
     for a, b in zip(inline, ahead):
-        assert a.ids == b.ids and a.stream_states == b.stream_states
-        for task in a.batches:
-            assert all(a.batches[task].tensors[k].equal(v) for k, v in b.batches[task].tensors.items())
+        assert a.position == b.position and a.ids == b.ids and a.stream_states == b.stream_states
+        for task, batch in a.micro_batches[0].items():
+            assert all(batch.tensors[k].equal(v) for k, v in b.micro_batches[0][task].tensors.items())
+
+
+def test_micro_batches_split_the_step_in_stream_order():
+    whole, split = _steps(0), _steps(0, num_micro_batches=2)
+    for a, b in zip(whole, split):
+        assert a.stream_states == b.stream_states
+        for task, ids in a.ids[0].items():
+            assert [len(m[task]) for m in b.ids] == [len(ids) // 2] * 2
+            assert b.ids[0][task] + b.ids[1][task] == ids
 
 
 def test_snapshot_resumes_exactly_although_streams_ran_ahead():
     streams = _streams()
-    with Prefetcher(lambda p: read_step(streams, p, _collate), PLAN, 4) as steps:
+    with Prefetcher(StepReader(streams, COLLATORS, _plan), POSITIONS, 4) as steps:
         consumed = [next(steps) for _ in range(10)]
         time.sleep(0.2)  # let the thread read ahead
         assert streams["qqp"].state_dict() != consumed[-1].stream_states["qqp"]
     resumed = _streams()
     for task, state in consumed[-1].stream_states.items():
         resumed[task].load_state_dict(state)
-    assert [s.ids for s in _steps(2, PLAN[10:], resumed)] == [s.ids for s in _steps(0)[10:]]
+    assert [s.ids for s in _steps(2, POSITIONS[10:], resumed)] == [s.ids for s in _steps(0)[10:]]
 
 
 def test_runs_off_the_callers_thread_and_stays_bounded():

@@ -24,7 +24,6 @@ import yaml
 from dist_minbert.config import config_from_dict
 from dist_minbert.config_loader import ConfigError
 from dist_minbert.engine import checkpointing
-from dist_minbert.engine.checkpointing import DevHistory
 from tests.ray_workers import write_slice
 
 pytestmark = pytest.mark.distributed
@@ -257,14 +256,6 @@ def test_resume_refuses_what_deepspeed_would_load_wrongly(tmp_path, zero_stage, 
     checkpointing.check_resumable(folder, 1, ["sst", "qqp", "sts"])
     with pytest.raises(ValueError, match=message):
         checkpointing.check_resumable(folder, zero_stage, tasks)
-
-
-def test_dev_history_keeps_the_first_of_equal_scores():
-    history = DevHistory()
-    assert history.record({"sst": {"accuracy": 0.2}}, 0.2, "step-00000006")
-    assert not history.record({"sst": {"accuracy": 0.2}}, 0.2, "step-00000012")
-    assert history.record({"sst": {"accuracy": 0.3}}, 0.3, "step-00000018")
-    assert (history.best_tag, history.best_score, history.last) == ("step-00000018", 0.3, {"sst": {"accuracy": 0.3}})
 
 
 def test_rng_states_round_trip():

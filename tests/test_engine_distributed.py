@@ -32,14 +32,15 @@ def loop_losses_and_sync(config: dict) -> None:
     import torch.distributed as dist
 
     from dist_minbert.config import config_from_dict
-    from dist_minbert.engine.trainer import DistContext, Trainer
+    from dist_minbert.engine.dist_context import DistContext
+    from dist_minbert.engine.trainer import Trainer
 
     torch.set_num_threads(1)
     cfg = config_from_dict(config["run"])
     trainer = Trainer(cfg, DistContext.current(use_gpu=False))
     losses, max_rank_diff = [], []
     for (epoch, step), _ in zip(trainer.positions(), range(config["steps"])):
-        losses.append(trainer.train_step(epoch, step))
+        losses.append(trainer.train_step(trainer.read_step((epoch, step))))
         flat = _flat_params(trainer.engine.module)
         gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, flat)
@@ -54,7 +55,8 @@ def loop_sgd_gradients(config: dict) -> None:
     import torch.distributed as dist
 
     from dist_minbert.config import config_from_dict
-    from dist_minbert.engine.trainer import DistContext, Trainer
+    from dist_minbert.engine.dist_context import DistContext
+    from dist_minbert.engine.trainer import Trainer
 
     torch.set_num_threads(1)
     cfg = config_from_dict(config["run"])
@@ -70,7 +72,7 @@ def loop_sgd_gradients(config: dict) -> None:
     optimizer.step = recording_step
     start = _flat_params(trainer.engine.module)
     for (epoch, step), _ in zip(trainer.positions(), range(config["steps"])):
-        trainer.train_step(epoch, step)
+        trainer.train_step(trainer.read_step((epoch, step)))
     if dist.get_rank() == 0:
         torch.save({"grads": grads, "start": start, "end": _flat_params(trainer.engine.module)},
                    config["result_path"] + ".pt")

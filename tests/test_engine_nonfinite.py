@@ -17,24 +17,25 @@ def loop_with_nan_on_rank_1(config: dict) -> None:
     import torch.distributed as dist
 
     from dist_minbert.config import config_from_dict
-    from dist_minbert.engine.trainer import DistContext, Trainer
+    from dist_minbert.engine.dist_context import DistContext
+    from dist_minbert.engine.trainer import Trainer
 
     torch.set_num_threads(1)
     trainer = Trainer(config_from_dict(config["run"]), DistContext.current(use_gpu=False))
-    original = trainer._loss
+    original = trainer.loss
 
     def loss(task, batch):
         value = original(task, batch)
         poisoned = dist.get_rank() == 1 and trainer.global_step in config["nan_steps"] and task == "sst"
         return value * float("nan") if poisoned else value
 
-    trainer._loss = loss
+    trainer.loss = loss
     flat = lambda: torch.cat([p.detach().reshape(-1).clone() for p in trainer.engine.module.parameters()])  # noqa: E731
     record, error = [], None
     try:
         for (epoch, step), _ in zip(trainer.positions(), range(config["steps"])):
             before = flat()
-            losses = trainer.train_step(epoch, step)
+            losses = trainer.train_step(trainer.read_step((epoch, step)))
             record.append({"step": trainer.global_step, "skipped": not losses,
                            "unchanged": bool(torch.equal(before, flat()))})
     except RuntimeError as exc:

@@ -32,9 +32,9 @@ def _union_reference(trainer, states: dict, plan: dict, step: int):
     shared = model.shared_parameters()
     task_rows, head_grads = [], {}
     for task, size in plan.items():
-        union = TaskStream(trainer.streams[task].source, trainer.streams[task].seed, 1, 0)
+        union = TaskStream(trainer.data.streams[task].source, trainer.data.streams[task].seed, 1, 0)
         union.load_state_dict(states[task])
-        batch = trainer._collate(task, union.next_batch(size))
+        batch = trainer.data.collators[task](union.next_table(size)).tensors
         loss = model.loss(task, model(task, batch), batch["labels"])
         grads = torch.autograd.grad(loss, shared + model.task_parameters(task), allow_unused=True)
         task_rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
@@ -60,7 +60,8 @@ def loop_pcgrad(config: dict) -> None:
 
     from dist_minbert.config import config_from_dict
     from dist_minbert.data.schedule import tasks_for_step
-    from dist_minbert.engine.trainer import DistContext, Trainer
+    from dist_minbert.engine.dist_context import DistContext
+    from dist_minbert.engine.trainer import Trainer
 
     torch.set_num_threads(1)
     cfg = config_from_dict(config["run"])
@@ -81,12 +82,12 @@ def loop_pcgrad(config: dict) -> None:
     start = torch.cat([p.detach().reshape(-1).double() for p in params])
     errors = []
     for (epoch, step), _ in zip(trainer.positions(), range(config["steps"])):
-        states = {t: s.state_dict() for t, s in trainer.streams.items()}
-        plan = tasks_for_step(cfg.schedule, cfg.train.seed, epoch, step, trainer.sizes, trainer.batch_sizes,
+        states = {t: s.state_dict() for t, s in trainer.data.streams.items()}
+        plan = tasks_for_step(cfg.schedule, cfg.train.seed, epoch, step, trainer.data.sizes, trainer.data.batch_sizes,
                               cfg.train.epochs)
         expected = (_union_reference(trainer, states, plan, trainer.global_step + 1)
                     if cfg.deepspeed.zero_stage == 0 else None)
-        trainer.train_step(epoch, step)
+        trainer.train_step(trainer.read_step((epoch, step)))
         if cfg.deepspeed.zero_stage == 0:
             got = recorded[-1]
             errors.append(float((got - expected).norm() / expected.norm()))

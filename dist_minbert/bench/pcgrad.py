@@ -177,7 +177,8 @@ def _run_config(config: PCGradBenchConfig, data_root: str, output_dir: str, num_
 
 def _builder(config: PCGradBenchConfig, loop_config: dict, num_workers: int):
     from dist_minbert.config import config_from_dict
-    from dist_minbert.engine.trainer import DistContext, Trainer
+    from dist_minbert.engine.dist_context import DistContext
+    from dist_minbert.engine.trainer import Trainer
 
     def build(mode: str, plan: str, name: str) -> Trainer:
         out = Path(loop_config["scratch"]) / f"{num_workers}w-{name}"
@@ -254,7 +255,7 @@ class _StepMeter:
         counter = CommCounter(self.num_params)
         wall, cpu = time.perf_counter(), time.process_time()
         with record_collectives(counter):
-            self.trainer.train_step(*position)
+            self.trainer.train_step(self.trainer.read_step(position))
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         if timed:
             self.wall.append(wall)

@@ -224,7 +224,8 @@ def _stream_rank(url, rank, num_ranks, batch_size_per_rank, prefetch, max_length
         import torch
 
         from dist_minbert.data.collate import collator
-        from dist_minbert.data.prefetch import Prefetcher, read_step
+        from dist_minbert.data.prefetch import Prefetcher
+        from dist_minbert.data.step_reader import StepReader
         from dist_minbert.data.shards import open_source
         from dist_minbert.data.stream import TaskStream
 
@@ -235,18 +236,14 @@ def _stream_rank(url, rank, num_ranks, batch_size_per_rank, prefetch, max_length
         global_batch = batch_size_per_rank * num_ranks
         steps = len(streams["corpus"].source) // global_batch
 
-        collate = collator(tok, "single", max_length)
-
-        def collate_rows(task, rows):
-            return collate(rows)
-
+        read = StepReader(streams, {"corpus": collator(tok, "single", max_length)},
+                          lambda position: {"corpus": global_batch})
         start.wait()
         began, began_cpu = time.perf_counter(), time.process_time()
         samples = 0
-        with Prefetcher(lambda plan: read_step(streams, plan, collate_rows), [{"corpus": global_batch}] * steps,
-                        prefetch) as batches:
+        with Prefetcher(read, [(0, step) for step in range(steps)], prefetch) as batches:
             for step in batches:
-                samples += step.batches["corpus"].tensors["input_ids"].shape[0]
+                samples += step.micro_batches[0]["corpus"].tensors["input_ids"].shape[0]
         elapsed, cpu = time.perf_counter() - began, time.process_time() - began_cpu
         peak = _peak_rss_mb()
         results.put({"rank": rank, "samples": samples, "samples_per_s": samples / elapsed,

@@ -1,50 +1,16 @@
-"""Batches read and collated ahead of the training step, on a background thread.
-
-Streams advance when a batch is read, which with prefetch is before the trainer uses
-it; so each prefetched step carries a snapshot of the stream positions taken right
-after it was read. A checkpoint stores the snapshot of the last step the trainer
-consumed, never the streams' live state, and resuming from it repeats and skips nothing.
-"""
+"""Steps read and collated ahead of the training step, on a background thread (see step_reader for
+why each step carries its own snapshot of the stream positions)."""
 
 from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
 from typing import Callable, Generic, Iterable, Iterator, TypeVar
-
-import pyarrow as pa
-
-from dist_minbert.data.collate import Collated
-from dist_minbert.data.stream import TaskStream
 
 P = TypeVar("P")
 T = TypeVar("T")
 
 _POLL_S = 0.1
-
-
-@dataclass
-class StepBatches:
-    batches: dict[str, Collated]  # task -> this rank's collated batch
-    ids: dict[str, list[str]]  # task -> row ids of the batch (empty lists for sources without ids)
-    stream_states: dict[str, dict[str, int]]  # every stream's position after this step: what a checkpoint stores
-
-
-def read_step(
-    streams: dict[str, TaskStream],
-    plan: dict[str, int],
-    collate_rows: Callable[[str, pa.Table], Collated],
-) -> StepBatches:
-    """This rank's batches of one step's plan (task -> global batch size), with the positions after it.
-
-    `collate_rows(task, rows)` gets the rows as an Arrow table; collate() takes it as is."""
-    batches, ids = {}, {}
-    for task, global_batch_size in plan.items():
-        rows = streams[task].next_table(global_batch_size)
-        batches[task] = collate_rows(task, rows)
-        ids[task] = rows.column("id").to_pylist() if "id" in rows.column_names else []
-    return StepBatches(batches, ids, {task: stream.state_dict() for task, stream in streams.items()})
 
 
 class Prefetcher(Generic[P, T]):

@@ -17,25 +17,25 @@ checkpoint complete and `latest` naming it.
 Only rank 0 writes the pointers and deletes folders; the collectives around it say why they are there.
 The output folder must be one filesystem that every worker sees (local disk on one node, NFS, a
 mounted bucket), as DeepSpeed's own checkpoints require.
-
-torch and numpy are imported inside the functions that use them: the config loader imports this module
-for CheckpointConfig, and it runs before `ray job submit`, where a 4-second torch import is not welcome.
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import re
 import shutil
 import signal
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
+import torch
+import torch.distributed as dist
 import yaml
+
+from dist_minbert.engine.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +49,6 @@ STATE_VERSION = 1
 _STEP_TAG = re.compile(r"step-(\d+)")
 
 
-@dataclass
-class CheckpointConfig:
-    every_steps: int = 0  # optimizer steps between periodic checkpoints (0 = only at epoch ends)
-    keep_last: int = 2  # newest step checkpoints kept; the best one is kept besides them
-    resume: str = ""  # "" = fresh start; "latest" = newest checkpoint in train.output_dir; or an absolute path
-    kill_at_step: int = 0  # fault injection: one worker SIGKILLs itself after this optimizer step, once (0 = off)
-    kill_rank: int = 0  # the rank that fault injection kills
-
-    def __post_init__(self) -> None:
-        if self.every_steps < 0:
-            raise ValueError(f"every_steps: {self.every_steps} is negative; allowed: 0 (epoch ends only) or more")
-        if self.keep_last < 1:
-            raise ValueError(f"keep_last: {self.keep_last} would keep no checkpoint to resume from; allowed: >= 1")
-        if self.resume not in ("", LATEST) and not os.path.isabs(self.resume):
-            raise ValueError(f"resume: {self.resume!r} is a relative path (Ray workers run elsewhere); "
-                             f"allowed: '', 'latest' or an absolute path")
-        if self.kill_at_step < 0 or self.kill_rank < 0:
-            raise ValueError(f"kill_at_step / kill_rank: {self.kill_at_step} / {self.kill_rank}; allowed: >= 0")
-
-
 def step_tag(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -76,26 +56,6 @@ def step_tag(step: int) -> str:
 def tag_step(folder: Path) -> int | None:
     match = _STEP_TAG.fullmatch(folder.name)
     return int(match.group(1)) if match else None
-
-
-@dataclass
-class DevHistory:
-    """The dev scores a run has seen: part of the client state, so a resumed run keeps choosing `best` as
-    the uninterrupted run would."""
-
-    initial: dict | None = None  # task → metric → value before training
-    last: dict | None = None  # at the latest evaluation
-    best: dict | None = None  # at the best evaluation so far
-    best_score: float = -math.inf
-    best_tag: str = ""  # the checkpoint `best` points to, a sibling of the checkpoint holding this history
-
-    def record(self, dev: dict, score: float, tag: str) -> bool:
-        """Note an evaluation whose state is saved under `tag`; True if it is the new best."""
-        self.last = dev
-        if self.best is not None and score <= self.best_score:
-            return False
-        self.best, self.best_score, self.best_tag = dev, score, tag
-        return True
 
 
 # -- where checkpoints are ---------------------------------------------------------------------------
@@ -144,9 +104,6 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict[
     `write_run_files(folder)` runs on rank 0 before the folder is published (the resolved config);
     `is_best` points `best` at the new checkpoint.
     """
-    import torch
-    import torch.distributed as dist
-
     tag = step_tag(step)
     final, temp = checkpoint_dir / tag, checkpoint_dir / (TEMP_PREFIX + tag)
     if rank == 0:
@@ -263,8 +220,6 @@ def load_checkpoint(engine, tag_dir: Path, rank: int, world_size: int, scratch_d
     workers is converted (rank 0, into `scratch_dir`) to DeepSpeed's universal checkpoint, which every
     rank reads its new partition from. At ZeRO 0 the full optimizer state is in mp_rank_00 and loads as is.
     """
-    import torch.distributed as dist
-
     num_partitions = len(list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")))
     if num_partitions in (0, world_size):
         return _load(engine, tag_dir)
@@ -327,9 +282,6 @@ def rng_file(rank: int) -> str:
 
 
 def capture_rng() -> dict[str, Any]:
-    import numpy as np
-    import torch
-
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -337,9 +289,6 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -350,9 +299,6 @@ def restore_rng(state: dict[str, Any]) -> None:
 def restore_or_reseed_rng(tag_dir: Path, rank: int, same_world: bool, seed: int, step: int) -> None:
     """This rank's saved generators; on another number of workers ranks have no saved state to take over,
     so every rank reseeds from (seed, rank, step) — dropout masks differ from the old run from here on."""
-    import numpy as np
-    import torch
-
     path = tag_dir / rng_file(rank)
     if same_world and path.is_file():
         restore_rng(torch.load(path, map_location="cpu", weights_only=False))

@@ -1,6 +1,7 @@
-"""Configs the engine owns: DeepSpeed, optimiser and the training run."""
+"""Configs the engine owns: DeepSpeed, optimiser, the training run and its checkpoints."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,3 +67,23 @@ class TrainConfig:
         bad = [s for s in self.predict_splits or [] if s not in ("dev", "test")]
         if bad:
             raise ValueError(f"predict_splits: {bad[0]!r}; allowed: 'dev', 'test'")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # optimizer steps between periodic checkpoints (0 = only at epoch ends)
+    keep_last: int = 2  # newest step checkpoints kept; the best one is kept besides them
+    resume: str = ""  # "" = fresh start; "latest" = newest checkpoint in train.output_dir; or an absolute path
+    kill_at_step: int = 0  # fault injection: one worker SIGKILLs itself after this optimizer step, once (0 = off)
+    kill_rank: int = 0  # the rank that fault injection kills
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0:
+            raise ValueError(f"every_steps: {self.every_steps} is negative; allowed: 0 (epoch ends only) or more")
+        if self.keep_last < 1:
+            raise ValueError(f"keep_last: {self.keep_last} would keep no checkpoint to resume from; allowed: >= 1")
+        if self.resume not in ("", "latest") and not os.path.isabs(self.resume):
+            raise ValueError(f"resume: {self.resume!r} is a relative path (Ray workers run elsewhere); "
+                             f"allowed: '', 'latest' or an absolute path")
+        if self.kill_at_step < 0 or self.kill_rank < 0:
+            raise ValueError(f"kill_at_step / kill_rank: {self.kill_at_step} / {self.kill_rank}; allowed: >= 0")

@@ -16,16 +16,14 @@ def resolve_precision(cfg: DeepSpeedConfig, use_gpu: bool) -> str:
     return cfg.precision
 
 
-def deepspeed_config(cfg: DeepSpeedConfig, precision: str, world_size: int, accumulation: int) -> dict[str, Any]:
-    """DeepSpeed's JSON config. Batch sizes are nominal: our batches are per task, built by the data service.
-
-    `accumulation` is the backward passes DeepSpeed sees per optimizer step (1 under gradient surgery,
-    which accumulates per-task gradients itself).
+def deepspeed_config(cfg: DeepSpeedConfig, precision: str, world_size: int) -> dict[str, Any]:
+    """DeepSpeed's JSON config. Batch sizes are nominal: our batches are per task, built by the data service,
+    and DeepSpeed sees one backward per optimizer step (engine/step_gradients.py accumulates micro-batches).
     """
     return {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": accumulation * world_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
         # Always explicit: DeepSpeed 0.19.8 clips to 1.0 when the key is absent.
         "gradient_clipping": cfg.gradient_clipping,
         "zero_optimization": {"stage": cfg.zero_stage},
@@ -75,7 +73,7 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def build_engine(model: torch.nn.Module, ds_cfg: DeepSpeedConfig, optim_cfg: OptimConfig, total_steps: int,
-                 use_gpu: bool, world_size: int, accumulation: int):
+                 use_gpu: bool, world_size: int):
     """deepspeed.initialize around our optimiser and schedule; returns the engine."""
     import deepspeed
 
@@ -85,6 +83,6 @@ def build_engine(model: torch.nn.Module, ds_cfg: DeepSpeedConfig, optim_cfg: Opt
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim_cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(ds_cfg, precision, world_size, accumulation))
+        config=deepspeed_config(ds_cfg, precision, world_size))
     assert engine.zero_optimization_stage() == ds_cfg.zero_stage, "DeepSpeed did not take the configured ZeRO stage"
     return engine

@@ -9,11 +9,12 @@ import torch
 
 from dist_minbert.data.stream import eval_shard
 from dist_minbert.data.source import RowSource, token_counts
+from dist_minbert.engine.dist_context import DistContext
 from dist_minbert.tasks.multitask import MultitaskModel
 
 
 @torch.no_grad()
-def predict_rows(forward: Callable, model: MultitaskModel, task: str, source: RowSource, num_rows: int, ctx,
+def predict_rows(forward: Callable, model: MultitaskModel, task: str, source: RowSource, num_rows: int, ctx: DistContext,
                  collate_rows: Callable[[pa.Table], dict[str, torch.Tensor]], batch_size: int) -> np.ndarray:
     """Predictions (label space) for this rank's contiguous share of the first `num_rows` rows, in row order.
 
@@ -39,7 +40,6 @@ def evaluate_file(model: MultitaskModel, cfg, task: str, path: str, labelled: bo
     """Predictions (and metrics when labelled) for any file in the CS224N format, in one process."""
     from dist_minbert.data.collate import collator
     from dist_minbert.data.source import TableSource, tokenize_rows
-    from dist_minbert.engine.trainer import DistContext
     from dist_minbert.model.tokenizer import WordPieceTokenizer
     from dist_minbert.tasks.config import encoding_for
     from dist_minbert.tasks.metrics import compute_metrics
@@ -52,7 +52,7 @@ def evaluate_file(model: MultitaskModel, cfg, task: str, path: str, labelled: bo
     rows = read_task_file(path, spec, labelled=labelled, on_bad_row=cfg.data.on_bad_row)
     source = TableSource(tokenize_rows(rows, tokenizer, max_tokens=cfg.model.max_length - 1))
     collate = collator(tokenizer, encoding_for(spec), cfg.model.max_length)
-    preds = predict_rows(model, model, task, source, len(source), DistContext(0, 1, torch.device("cpu")),
+    preds = predict_rows(model, model, task, source, len(source), DistContext.single(),
                          lambda rows: collate(rows).tensors, batch_size)
     metrics = compute_metrics(spec, preds, np.asarray(rows.labels)) if labelled else {}
     return rows, preds, metrics

@@ -1,26 +1,37 @@
 """How one optimizer step's task losses become the gradient DeepSpeed applies.
 
-`summed`: the baseline — losses weighted and summed, one engine.backward per micro-batch.
-`surgery`: each task gets its own backward through torch.autograd.grad (which fires none of
-DeepSpeed's reduction hooks and leaves .grad alone); the per-task gradients of the shared encoder
-go through the all-reduce-aware combination (dist_minbert.surgery.distributed), and the result is
-handed to DeepSpeed through a surrogate loss whose backward yields exactly that gradient
-(engine.backward(_HandOver)), so DeepSpeed's clipping and ZeRO partitioning apply unchanged at
-stages 0, 1 and 2.
+Both strategies run the forward on the plain module and take gradients with torch.autograd.grad,
+which fires none of DeepSpeed's reduction hooks and leaves .grad alone. Each accumulates its
+micro-batches itself and checks losses and gradients for NaN/inf on every rank before DeepSpeed sees
+anything; then it hands DeepSpeed the step's gradient through a surrogate loss whose backward yields
+exactly that gradient (engine.backward(_HandOver)), so DeepSpeed's reduction, clipping and ZeRO
+partitioning apply unchanged at stages 0, 1 and 2. DeepSpeed therefore always runs with
+gradient_accumulation_steps 1, and a skipped step leaves no trace in it (no micro-step counted, no
+.grad left over).
+
+`sum`: the baseline, Σ_t w_t L_t, one backward per micro-batch.
+`pcgrad` / `pcgrad_local`: each task gets its own backward; the per-task gradients of the shared
+encoder go through the all-reduce-aware combination (dist_minbert.surgery.distributed).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from dist_minbert.engine.config import DeepSpeedConfig, OptimConfig
+from dist_minbert.engine.deepspeed_engine import build_engine
 from dist_minbert.surgery.comm import CommCounter
 from dist_minbert.surgery.config import SurgeryConfig
 from dist_minbert.surgery.distributed import TaskReduction, resolve_plan
 from dist_minbert.surgery.pcgrad import step_generator
 from dist_minbert.surgery.stats import SurgeryStats
 from dist_minbert.tasks.multitask import MultitaskModel
+
+Batch = dict[str, torch.Tensor]
+LossOf = Callable[[str, Batch], torch.Tensor]  # (task, this rank's batch) → mean loss over the batch
 
 
 class NonFiniteStep(RuntimeError):
@@ -41,29 +52,55 @@ class StepOutcome:
     stats: SurgeryStats | None  # surgery statistics of the step (None in sum mode)
 
 
+def build_gradients(model: MultitaskModel, surgery: SurgeryConfig, deepspeed: DeepSpeedConfig, optim: OptimConfig,
+                    total_steps: int, use_gpu: bool, world_size: int, seed: int,
+                    comm: CommCounter) -> SummedGradients | SurgeryGradients:
+    """The DeepSpeed engine around `model` and the strategy that feeds it (`.engine`), built together:
+    the strategy accumulates micro-batches itself, so DeepSpeed is built to accumulate nothing."""
+    engine = build_engine(model, deepspeed, optim, total_steps, use_gpu, world_size)
+    # The hand-over's backward passes its gradient unscaled: DeepSpeed must not divide by accumulation steps.
+    assert engine.gradient_accumulation_steps() == 1, "the gradient strategies accumulate micro-batches themselves"
+    if surgery.mode == "sum":
+        return SummedGradients(engine, model)
+    return SurgeryGradients(engine, model, surgery, seed, comm)
+
+
 class SummedGradients:
-    """Baseline: Σ_t w_t L_t, backward once per micro-batch; DeepSpeed accumulates and averages."""
+    """Baseline: the gradient of Σ_t w_t L_t, accumulated over micro-batches, then one hand-over to DeepSpeed.
 
-    def __init__(self, engine) -> None:
-        self.engine = engine
+    `.grad` of the parameters a step touched is the only gradient memory held across micro-batches:
+    each later micro-batch's gradients are added into it as they come out of autograd.
+    """
 
-    def run(self, micro_batches, loss_of, weights: dict[str, float], step: int) -> StepOutcome:
-        """`micro_batches`: list of {task: batch}; `loss_of(task, batch)` → mean loss over the local batch.
+    def __init__(self, engine, model: MultitaskModel) -> None:
+        self.engine, self.model = engine, model
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def run(self, micro_batches: list[dict[str, Batch]], loss_of: LossOf, weights: dict[str, float],
+            step: int) -> StepOutcome:
+        """`micro_batches`: list of {task: batch}, equally many rows each; returns the mean loss per task.
 
         `step` seeds nothing here (a sum has no task order); it keeps one signature for both strategies.
         """
         losses: dict[str, float] = {}
+        summed: list[torch.Tensor | None] = [None] * len(self.parameters)
         for batches in micro_batches:
-            total, local = 0.0, {}
-            for task, batch in batches.items():
-                local[task] = loss_of(task, batch)
-                total = total + weights[task] * local[task]
-            if not all_finite(torch.stack([l.detach() for l in local.values()])):
-                raise NonFiniteStep(f"non-finite loss: {_fmt(local)}")
-            self.engine.backward(total)
-            self.engine.step()
+            local = {task: loss_of(task, batch) for task, batch in batches.items()}
+            # Each micro-batch's mean over its rows / their number: the gradient of the step's mean loss.
+            total = sum(weights[task] * loss for task, loss in local.items()) / len(micro_batches)
+            for i, grad in enumerate(torch.autograd.grad(total, self.parameters, allow_unused=True)):
+                if grad is not None:
+                    summed[i] = grad if summed[i] is None else summed[i].add_(grad)
             for task, loss in local.items():
                 losses[task] = losses.get(task, 0.0) + loss.item() / len(micro_batches)
+        touched = [i for i, g in enumerate(summed) if g is not None]  # heads of absent tasks stay untouched
+        grads = [summed[i] for i in touched]
+        del summed
+        norms = torch.stack(torch._foreach_norm(grads)).double().cpu()
+        if not all_finite(torch.cat([torch.tensor(list(losses.values()), dtype=torch.float64), norms])):
+            raise NonFiniteStep(f"non-finite loss or gradient: {_fmt(losses)}")
+        self.engine.backward(_HandOver.apply(grads, *[self.parameters[i] for i in touched]))
+        self.engine.step()
         return StepOutcome(losses, None)
 
 
@@ -85,8 +122,6 @@ class SurgeryGradients:
         # Task gradients are accumulated in fp32 even under bf16 training.
         self.dtype = torch.float32 if self.shared[0].dtype != torch.float64 else torch.float64
         self.device = self.shared[0].device
-        # The handover's backward passes its gradients unscaled: DeepSpeed must not divide by accumulation steps.
-        assert engine.gradient_accumulation_steps() == 1, "surgery accumulates micro-batches itself"
         self.own_reduction = engine.zero_optimization_stage() == 0
         if self.own_reduction:
             assert hasattr(engine, "enable_backward_allreduce"), "DeepSpeed's ZeRO-0 reduction switch is missing"
@@ -99,8 +134,9 @@ class SurgeryGradients:
         self._task_grads: torch.Tensor | None = None  # T×P rows reused across steps (fresh ones cost page faults)
         self.peak_gradient_bytes = 0  # most bytes of gradient buffers (.grad, task rows, shards) held at once
 
-    def run(self, micro_batches, loss_of, weights: dict[str, float], step: int) -> StepOutcome:
-        """`micro_batches`: list of {task: batch}, the same tasks on every rank; `loss_of(task, batch)`: mean loss."""
+    def run(self, micro_batches: list[dict[str, Batch]], loss_of: LossOf, weights: dict[str, float],
+            step: int) -> StepOutcome:
+        """`micro_batches`: list of {task: batch}, the same tasks on every rank; returns the mean loss per task."""
         local_counts = torch.tensor([sum(len(b[task]["labels"]) for b in micro_batches if task in b)
                                      for task in self.tasks], dtype=torch.int64)
         reduction = TaskReduction(local_counts, self.num_shared, self.cfg, self.comm, dtype=self.dtype,

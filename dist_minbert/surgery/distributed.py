@@ -1,7 +1,7 @@
 """The all-reduce-aware surgery hook: per-task gradients of one rank in, the gradient to hand to the engine out.
 
 Pure torch.distributed; the engine feeds it each task's gradient as that task's backward ends and
-hands the result to DeepSpeed (DESIGN.md, "Gradient surgery"). Sample-weighting makes the result
+hands the result to DeepSpeed (docs/ARCHITECTURE.md, "One optimizer step"). Sample-weighting makes the result
 independent of how samples fall on ranks: the task-t gradient of the union batch's mean loss is
 ḡ_t = Σ_r (n_t^r / n_t) g_t^r = (1/N) Σ_r s_t^r g_t^r with s_t^r = N·n_t^r / n_t, so each rank
 scales its gradients by s^r and every later mean over ranks is the union batch's.

@@ -1,8 +1,8 @@
 """PCGrad and other Gramian weightings as pure tensor functions.
 
 Every PCGrad-projected task gradient stays in the span of the original ones, so the update is
-wᵀg with weights w derived from the T×T Gram matrix G = g gᵀ alone (DESIGN.md, "Gradient
-surgery"). That is what lets the distributed hook exchange T² numbers instead of gradients.
+wᵀg with weights w derived from the T×T Gram matrix G = g gᵀ alone (docs/ARCHITECTURE.md, "Exact
+PCGrad needs only the Gram matrix"). That is what lets the distributed hook exchange T² numbers instead of gradients.
 A task whose Gram diagonal is 0 (absent from the step) drops out: its weight is 0 and nothing
 is ever divided by its norm.
 """

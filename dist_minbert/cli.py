@@ -1,4 +1,4 @@
-"""`dist-minbert train|evaluate|predict|export` — the user's entry points."""
+"""`dist-minbert train|evaluate|predict|export|prepare|bench` — the user's entry points."""
 from __future__ import annotations
 
 import argparse

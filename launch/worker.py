@@ -8,15 +8,17 @@ complete checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from launch.output import configure_worker_logging
+from launch.output import configure_worker_logging, is_verbose
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,11 @@ def run_worker(worker_fn: Callable[[dict], None], threads: int, loop_config: dic
     """Every job's worker entry: torch threads as the launcher reserved, our log lines only unless verbose."""
     torch.set_num_threads(threads)
     configure_worker_logging()
-    worker_fn(loop_config)
+    with contextlib.ExitStack() as stack:
+        if not is_verbose():
+            # Our lines are log records; what libraries print (DeepSpeed's "… built successfully") is not ours.
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        worker_fn(loop_config)
 
 
 def train_worker(loop_config: dict) -> None:

@@ -246,6 +246,7 @@ NOISE = {
     "Setting accelerator to CPU": "DeepSpeed's accelerator guess",
     "Token authentication is enabled": "ray.init on the driver",
     "(RayTrainWorker pid=": "the prefix Ray puts before every forwarded line",
+    "built successfully": "DeepSpeed's op builder, a print on each worker",
 }
 
 
@@ -262,6 +263,8 @@ def test_train_prints_our_lines_and_none_of_rays(tiny_checkpoint, shared_data, t
             "== dist-minbert run summary ==", "workers 2, steps 2"]  # a warning, rank 0's lines, the bar, the summary
     assert [line for line in ours if line not in printed] == [], printed
     assert {line: source for line, source in NOISE.items() if line in printed} == {}, printed
+    # Forwarded line by line, a bar redrawn with carriage returns would glue the next log line to itself.
+    assert [line for line in printed.splitlines() if "train:" in line and "step " in line] == [], printed
 
 
 # -- error paths -------------------------------------------------------------------------------------------------

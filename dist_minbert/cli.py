@@ -1,4 +1,4 @@
-"""`dist-minbert train|evaluate|predict|export|prepare|bench` — the user's entry points."""
+"""`dist-minbert train|evaluate|predict|export|prepare|corpus|bench` — the user's entry points."""
 from __future__ import annotations
 
 import argparse
@@ -138,6 +138,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_corpus(args: argparse.Namespace) -> int:
+    """The task files' train sentences (no eval text), or N lines generated from them → one file at --out."""
+    from dist_minbert.config import load_config
+    from dist_minbert.data.corpus import generated_lines, task_corpus, write_lines
+
+    cfg = load_config(args.config, args.overrides)
+    corpus = task_corpus(cfg.data, cfg.tasks)
+    print(f"task sentences: {corpus.summary()}; {len(corpus.sentences)} kept")
+    if args.generated is None:
+        written = write_lines(args.out, corpus.sentences)
+    else:
+        written = write_lines(args.out, generated_lines(corpus.sentences, args.generated))
+    print(f"{written} {'generated lines' if args.generated is not None else 'sentences'} written → {args.out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -191,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--max-reject-fraction", type=float, help="fail past this fraction of rejected rows")
     prepare.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     prepare.set_defaults(func=cmd_prepare)
+
+    corpus = sub.add_parser("corpus", help="write a one-sentence-per-line corpus: the task files' train sentences "
+                                            "without eval text, or N lines generated from them")
+    corpus.add_argument("--out", required=True, help="the corpus file: a path or fsspec URL (.gz etc. compress)")
+    source = corpus.add_mutually_exclusive_group()
+    source.add_argument("--from-tasks", action="store_true",
+                        help="(the default) SST, QQP and STS train sentences under data.root, de-duplicated, "
+                             "every dev/test sentence left out")
+    source.add_argument("--generated", type=int, metavar="N", help="N distinct lines, each 2-3 task sentences")
+    corpus.add_argument("--config", help="YAML file for data.root and the task files (default: the builtin ones)")
+    corpus.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=s3://bucket/cs224n")
+    corpus.set_defaults(func=cmd_corpus)
 
     bench = sub.add_parser("bench", help="benchmarks: figures measured side by side, as one JSON object")
     bench.add_argument("what", choices=["data", "pcgrad"])

@@ -5,9 +5,8 @@ kind, where absolute rates differ up to 2×: prepare against the bare Rust token
 lines with as many threads as prepare tokenizes on (what prepare could reach if everything else
 it does were free), and streaming against the in-memory CSV path. Absolute rates are figures only.
 
-The corpus is generated from the shared CS224N sentences: line k joins sentence k mod n,
-sentence (k mod n + 1 + k div n) mod n and, for every third line, one more; so its lines
-are distinct by construction and nothing downstream can cache a repeat. Each rank runs
+The corpus is `dist-minbert corpus --generated`'s (data/corpus.py): distinct joins of two or three
+sentences of the CS224N train files, so nothing downstream can cache a repeat. Each rank runs
 in a freshly spawned process so its memory is its own: RSS growth is the peak while
 streaming minus the RSS right after imports (no model is loaded). On a machine shared
 with other work, wall-clock rates understate the code: the CPU-time rates beside them
@@ -25,15 +24,15 @@ import resource
 import shutil
 import time
 from multiprocessing import get_context
-from typing import Any, Iterator
+from typing import Any
 
 from dist_minbert.data.config import DataConfig
+from dist_minbert.data.corpus import generated_lines, task_corpus, write_lines
 from dist_minbert.data.engine_local import CHUNK_LINES
 from dist_minbert.data.prepare import prepare_corpus
 from dist_minbert.model.tokenizer import WordPieceTokenizer
 from dist_minbert.tasks.config import TaskConfig
 from dist_minbert.tasks.readers import read_task_file
-from dist_minbert.tasks.registry import BUILTIN_TASKS
 
 TARGETS = {  # lower bounds on ratios of rates measured side by side (issue 8)
     "prepare_vs_tokenizer": 0.85,
@@ -61,10 +60,10 @@ def run_data_benchmark(
     corpus = os.path.join(work_dir, "corpus.txt")
     shards = os.path.join(work_dir, "corpus-shards")
     csv_path = os.path.join(work_dir, "corpus.tsv")
-    sentences = shared_sentences(data_root)
-    _write_lines(corpus, generated_lines(sentences, num_lines))
-    _write_lines(csv_path, (f"{k}\tl{k}\t{line}\n" for k, line in enumerate(generated_lines(sentences, csv_rows))),
-                 header="\tid\tsentence\n")
+    sentences = task_corpus(DataConfig(root=data_root)).sentences
+    write_lines(corpus, generated_lines(sentences, num_lines))
+    write_lines(csv_path, (f"{k}\tl{k}\t{line}" for k, line in enumerate(generated_lines(sentences, csv_rows))),
+                header="\tid\tsentence\n")
     tokenizer = WordPieceTokenizer.from_checkpoint(checkpoint)
     data = DataConfig(root=data_root, prepare_workers=prepare_workers, prefetch=prefetch, prepare_engine=prepare_engine)
 
@@ -123,35 +122,6 @@ def run_data_benchmark(
 def passed_targets(result: dict[str, Any]) -> dict[str, bool]:
     """Each ratio in TARGETS against its lower bound."""
     return {name: result[name] >= bound for name, bound in TARGETS.items()}
-
-
-def shared_sentences(data_root: str) -> list[str]:
-    """The distinct sentences of the builtin tasks' train and dev files, in file order."""
-    texts: dict[str, None] = {}
-    for raw in BUILTIN_TASKS.values():
-        task = TaskConfig(**raw)
-        for split in (task.train, task.dev):
-            if split:
-                rows = read_task_file(DataConfig(root=data_root).resolve(split), task, True, "reject")
-                texts.update(dict.fromkeys(rows.a + (rows.b or [])))
-    return list(texts)
-
-
-def generated_lines(sentences: list[str], num_lines: int) -> Iterator[str]:
-    n = len(sentences)
-    if num_lines > n * (n - 1):
-        raise ValueError(f"num_lines: {num_lines} exceeds the {n * (n - 1)} distinct pairs of {n} sentences")
-    for k in range(num_lines):
-        first, second = k % n, (k % n + 1 + k // n) % n
-        line = f"{sentences[first]} {sentences[second]}"
-        yield f"{line} {sentences[(7 * k + 3) % n]}" if k % 3 == 0 else line
-
-
-def _write_lines(path: str, lines: Iterator[str], header: str = "") -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(header)
-        for line in lines:
-            f.write(line if line.endswith("\n") else line + "\n")
 
 
 def _stream_ranks(url, num_ranks, batch_size_per_rank, prefetch, max_length, checkpoint, seed) -> list[dict]:

@@ -97,8 +97,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from dist_minbert.model.export import export_hf
+    from dist_minbert.model.export_sentence_transformers import export_sentence_transformers
 
     cfg, model = _load_quietly(args.checkpoint)
+    if args.format == "sentence-transformers":
+        export_sentence_transformers(model.encoder, cfg.model.checkpoint, args.out, cfg.model.pooling,
+                                     cfg.model.max_length)
+        print(f"sentence-transformers folder ({cfg.model.pooling} pooling, max_seq_length {cfg.model.max_length}) "
+              f"written to {args.out}")
+        return 0
     export_hf(model.encoder, cfg.model.checkpoint, args.out)
     print(f"Hugging Face folder written to {args.out}")
     return 0
@@ -228,9 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--verbose", action="store_true", help="bench pcgrad: also Ray's and DeepSpeed's log lines")
     bench.set_defaults(func=cmd_bench)
 
-    export = sub.add_parser("export", help="write a Hugging Face BERT folder (AutoModel.from_pretrained loads it)")
+    export = sub.add_parser("export", help="write a Hugging Face BERT folder (AutoModel.from_pretrained loads it) "
+                                            "or a sentence-transformers one (SentenceTransformer loads it)")
     export.add_argument("checkpoint")
     export.add_argument("out")
+    export.add_argument("--format", choices=["hf", "sentence-transformers"], default="hf",
+                        help="sentence-transformers: the encoder with the run's model.pooling and max_length; "
+                             "encode() gives our sentence embeddings (default: hf)")
     export.set_defaults(func=cmd_export)
     return parser
 

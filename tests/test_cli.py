@@ -232,6 +232,27 @@ def test_export_loads_in_transformers_and_matches_our_encoder(run, tiny_checkpoi
     assert (untrained - expected).abs().max() > 1e-4  # the export holds the trained weights, not the starting ones
 
 
+def test_export_as_sentence_transformers_encodes_the_runs_embedding(run, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+    from sentence_transformers import SentenceTransformer
+
+    from dist_minbert.engine.checkpoint_io import load_trained_model
+    from dist_minbert.model.tokenizer import WordPieceTokenizer
+    from dist_minbert.tasks.sentence_embedding import embed_sentences
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may try the network, also if huggingface_hub read it already
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "st"
+    assert main(["export", run.checkpoint, str(out), "--format", "sentence-transformers"]) == 0
+    assert f"({run.cfg.model.pooling} pooling, max_seq_length {run.cfg.model.max_length})" in capsys.readouterr().out
+    texts = ["A very funny movie.", "Why do people ask questions on Quora?", "No.", "x " * 200]
+    encoded = SentenceTransformer(str(out), device="cpu", local_files_only=True).encode(texts, convert_to_tensor=True)
+    cfg, model = load_trained_model(run.checkpoint)
+    ours = embed_sentences(model.encoder, WordPieceTokenizer.from_checkpoint(cfg.model.checkpoint), texts,
+                           cfg.model.pooling, cfg.model.max_length)
+    assert (encoded - ours).abs().max() < 1e-5
+
+
 # -- what a job prints --------------------------------------------------------------------------------------------
 
 # Lines of Ray and DeepSpeed that the issue found in every demo, and where they came from.

@@ -32,4 +32,4 @@ def progress_bar(total: int, desc: str, enabled: bool = True, stream: TextIO | N
     if stream.isatty():
         return tqdm(total=total, desc=desc, disable=not enabled, file=stream, dynamic_ncols=True, mininterval=2.0)
     return tqdm(total=total, desc=desc, disable=not enabled, file=_RefreshLines(stream), ncols=100,
-                mininterval=LINE_INTERVAL_S)
+                mininterval=LINE_INTERVAL_S, maxinterval=LINE_INTERVAL_S)

@@ -1,4 +1,4 @@
-"""`dist-minbert train|evaluate|predict|export|prepare|corpus|bench` — the user's entry points."""
+"""`dist-minbert train|simcse|evaluate|predict|export|prepare|corpus|bench` — the user's entry points."""
 from __future__ import annotations
 
 import argparse
@@ -27,14 +27,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     from launch.ray_run import run_training
 
     _set_verbose(args.verbose)
-    overrides = list(args.overrides)
-    if args.resume:
-        resume = args.resume if args.resume == "latest" else str(Path(args.resume).resolve())
-        overrides.append(f"checkpoint.resume={json.dumps(resume)}")  # quoted: any path stays one YAML string
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, _with_resume(args.overrides, args.resume))
     summary = run_training(cfg)
     _print_summary(summary)
     return 0
+
+
+def cmd_simcse(args: argparse.Namespace) -> int:
+    from dist_minbert.config import load_simcse_config
+    from launch.ray_run import run_simcse
+
+    _set_verbose(args.verbose)
+    cfg = load_simcse_config(args.config, _with_resume(args.overrides, args.resume))
+    summary = run_simcse(cfg)
+    _print_summary(summary)
+    print(f"encoder      {summary['paths']['encoder']}  (a model.checkpoint for `dist-minbert train`)")
+    return 0
+
+
+def _with_resume(overrides: list[str], resume: str | None) -> list[str]:
+    """--resume as the checkpoint.resume override: "latest", or the path made absolute (workers run elsewhere)."""
+    if not resume:
+        return list(overrides)
+    resume = resume if resume == "latest" else str(Path(resume).resolve())
+    return [*overrides, f"checkpoint.resume={json.dumps(resume)}"]  # quoted: any path stays one YAML string
 
 
 def _set_verbose(verbose: bool) -> None:
@@ -115,7 +131,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     """Task files of a config → shards at data.shards; or one corpus file → shards at --out."""
     import dataclasses
 
-    from dist_minbert.config import load_config
+    from dist_minbert.config import load_job_config
     from dist_minbert.data.prepare import prepare_corpus, prepare_tasks, resolve_engine
     from dist_minbert.engine.task_inputs import shards_root
     from dist_minbert.model.tokenizer import WordPieceTokenizer
@@ -123,7 +139,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.max_reject_fraction is not None:
         overrides.append(f"data.max_reject_fraction={args.max_reject_fraction}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_job_config(args.config, overrides)
     tokenizer = WordPieceTokenizer.from_checkpoint(cfg.model.checkpoint)
     if args.corpus:
         if not args.out:
@@ -137,6 +153,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print(f"{args.corpus}: {manifest.num_rows} rows in {len(manifest.shards)} shards at {args.out} "
               f"({manifest.rejects['count']} rejected; engine {data.prepare_engine})")
         return 0
+    if not hasattr(cfg, "tasks"):
+        raise ConfigError(f"{args.config}: a SimCSE config has no tasks to prepare; allowed: --corpus FILE --out DIR")
     data = dataclasses.replace(cfg.data, shards=shards_root(cfg.data, cfg.train.output_dir))
     for task, manifests in prepare_tasks(cfg.tasks, data, tokenizer, cfg.model.max_length).items():
         for split, manifest in manifests.items():
@@ -195,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "(or set DIST_MINBERT_VERBOSE=1)")
     train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. workers.num_workers=1")
     train.set_defaults(func=cmd_train)
+
+    simcse = sub.add_parser("simcse", help="unsupervised SimCSE on a corpus's shards (the encoder for `train`)")
+    simcse.add_argument("--config", required=True, help="YAML file, e.g. configs/simcse.yaml")
+    simcse.add_argument("--resume", metavar="PATH|latest", help="as for train")
+    simcse.add_argument("--verbose", action="store_true", help="as for train")
+    simcse.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. simcse.chunk_size=32")
+    simcse.set_defaults(func=cmd_simcse)
 
     evaluate = sub.add_parser("evaluate", help="dev metrics of a checkpoint on CS224N-format files")
     evaluate.add_argument("checkpoint", help="run folder, its checkpoints/ folder, or a tag folder")

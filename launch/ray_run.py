@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from dist_minbert.config import RunConfig
+from dist_minbert.config import RunConfig, SimCSERunConfig
 from dist_minbert.config_loader import to_plain
 from launch import output
 from launch.config import WorkersConfig
-from launch.worker import run_worker, threads_for, train_worker
+from launch.worker import run_worker, simcse_worker, threads_for, train_worker
 
 
 def connect(address: str, num_cpus: int | None = None) -> None:
@@ -57,7 +57,7 @@ def fit_on_workers(worker_fn: Callable[[dict], None], loop_config: dict, workers
     ).fit()
 
 
-def check_inputs(cfg: RunConfig) -> None:
+def check_inputs(cfg: RunConfig | SimCSERunConfig) -> None:
     """The files a run starts from, checked before Ray starts: missing, they would fail every worker instead,
     as a Ray error. Raises FileNotFoundError; a checkpoint behind a URL is left to the workers."""
     from dist_minbert.engine.checkpointing import CHECKPOINTS_DIR, resolve_resume
@@ -72,12 +72,21 @@ def check_inputs(cfg: RunConfig) -> None:
 
 def run_training(cfg: RunConfig) -> dict:
     """Fit on Ray Train; returns the run's summary.json (written by rank 0)."""
+    return _run_job(train_worker, cfg)
+
+
+def run_simcse(cfg: SimCSERunConfig) -> dict:
+    """SimCSE on Ray Train; returns the run's summary.json (written by rank 0)."""
+    return _run_job(simcse_worker, cfg)
+
+
+def _run_job(worker_fn: Callable[[dict], None], cfg: RunConfig | SimCSERunConfig) -> dict:
     check_inputs(cfg)
     out = Path(cfg.train.output_dir)
     started = time.perf_counter()
     # One Ray run per launch: Ray Train would otherwise restore an earlier launch's reported checkpoints
     # into this one; continuing a run is what `--resume` says, restarts within a launch are Ray's.
-    fit_on_workers(train_worker, {"config": to_plain(cfg)}, cfg.workers, str(out),
+    fit_on_workers(worker_fn, {"config": to_plain(cfg)}, cfg.workers, str(out),
                    name=f"ray_train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                    num_checkpoints_to_keep=cfg.checkpoint.keep_last)
     summary = json.loads((out / "summary.json").read_text())

@@ -44,17 +44,28 @@ def run_worker(worker_fn: Callable[[dict], None], threads: int, loop_config: dic
 
 def train_worker(loop_config: dict) -> None:
     from dist_minbert.config import config_from_dict
-    from dist_minbert.engine.dist_context import DistContext
     from dist_minbert.engine.trainer import Trainer
 
-    cfg = config_from_dict(loop_config["config"])
+    _fit(Trainer, config_from_dict(loop_config["config"]))
+
+
+def simcse_worker(loop_config: dict) -> None:
+    from dist_minbert.config import simcse_config_from_dict
+    from dist_minbert.engine.simcse_trainer import SimCSETrainer
+
+    _fit(SimCSETrainer, simcse_config_from_dict(loop_config["config"]))
+
+
+def _fit(job, cfg) -> None:
+    """Any job on the engine: resume point and device from Ray, then the plain loop."""
+    from dist_minbert.engine.dist_context import DistContext
+
     cfg.checkpoint.resume = _resume_point(cfg)
     if cfg.workers.use_gpu:
         import ray.train.torch
 
         torch.cuda.set_device(ray.train.torch.get_device())
-    trainer = Trainer(cfg, DistContext.current(cfg.workers.use_gpu), report=_report_to_ray)
-    trainer.fit()
+    job(cfg, DistContext.current(cfg.workers.use_gpu), report=_report_to_ray).fit()
 
 
 def _resume_point(cfg) -> str:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dist_minbert.config import ConfigError, RunConfig, config_from_dict, load_config, save_config
+from dist_minbert.config import (ConfigError, RunConfig, SimCSERunConfig, config_from_dict, load_config, load_job_config,
+                                 load_simcse_config, save_config)
 from dist_minbert.tasks.registry import BUILTIN_TASKS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,6 +268,27 @@ def test_exponent_override_is_a_float():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads(path, monkeypatch):
     monkeypatch.chdir(REPO)
-    cfg = load_config(path)
-    assert isinstance(cfg, RunConfig) and cfg.tasks
+    cfg = load_job_config(path)
+    assert isinstance(cfg, SimCSERunConfig if path.name == "simcse.yaml" else RunConfig)
     assert Path(cfg.train.output_dir).is_absolute()
+
+
+@pytest.mark.parametrize("name", ["b3.yaml", "b1_pcgrad_simcse.yaml"])
+def test_simcse_rows_start_from_the_simcse_encoder(name, monkeypatch):
+    monkeypatch.chdir(REPO)
+    simcse = load_simcse_config(REPO / "configs" / "simcse.yaml")
+    assert load_config(REPO / "configs" / name).model.checkpoint == str(Path(simcse.train.output_dir) / "encoder")
+
+
+def test_simcse_config_defaults_are_the_papers_and_errors_name_the_key():
+    cfg = load_simcse_config(None, ["simcse.corpus=/data/shards"])
+    assert (cfg.optim.lr, cfg.simcse.batch_size_per_worker, cfg.model.max_length, cfg.simcse.temperature,
+            cfg.train.epochs, cfg.simcse.pooling) == (3e-5, 64, 32, 0.05, 1, "cls_mlp")
+    for overrides, message in [([], "simcse.corpus: no corpus shards given"),
+                               (["simcse.corpus=x", "simcse.temperature=0"], "simcse.temperature: 0.0 must be > 0"),
+                               (["simcse.corpus=x", "deepspeed.gradient_accumulation_steps=2"],
+                                "deepspeed.gradient_accumulation_steps: a contrastive batch"),
+                               (["simcse.corpus=x", "simcse.pooling=max"], "simcse.pooling")]:
+        with pytest.raises(ConfigError) as err:
+            load_simcse_config(None, overrides)
+        assert str(err.value).startswith(message), err.value

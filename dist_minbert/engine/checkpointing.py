@@ -208,8 +208,9 @@ def check_resumable(tag_dir: Path, zero_stage: int, tasks: list[str]) -> None:
     if saved_stage != zero_stage:  # a ZeRO-0 engine skips ZeRO-1/2 optimizer partitions, and the reverse
         raise ValueError(f"deepspeed.zero_stage: {tag_dir} was written at ZeRO {saved_stage}, this run uses "
                          f"{zero_stage}; allowed: the stage the checkpoint was written at")
-    if list(saved["tasks"]) != tasks:  # the heads' parameters, hence the optimizer state's layout, follow this order
-        raise ValueError(f"tasks: {tag_dir} was trained on {list(saved['tasks'])}, this run lists {tasks}; "
+    # The heads' parameters, hence the optimizer state's layout, follow this order (a SimCSE run has no tasks).
+    if list(saved.get("tasks", {})) != tasks:
+        raise ValueError(f"tasks: {tag_dir} was trained on {list(saved.get('tasks', {}))}, this run lists {tasks}; "
                          f"allowed: the same tasks in the same order")
 
 

@@ -55,13 +55,14 @@ class RunCheckpointer:
             self.report(metrics, folder)
         return folder
 
-    def resume(self, streams: dict[str, TaskStream], seed: int, zero_stage: int) -> RunState:
+    def resume(self, streams: dict[str, TaskStream], seed: int, zero_stage: int, tasks: list[str]) -> RunState:
         """Continue from checkpoint.resume (engine state, stream positions, step, RNG and dev history), or
-        start fresh; then rank 0 makes the checkpoint folder this run's linear history (later ones go)."""
+        start fresh; then rank 0 makes the checkpoint folder this run's linear history (later ones go).
+        `tasks`: the task heads, in order, that the checkpoint's parameters must have been written with."""
         tag_dir = checkpointing.resolve_resume(self.cfg.resume, self.folder)
         state = RunState(stream_states={name: s.state_dict() for name, s in streams.items()})
         if tag_dir is not None:
-            checkpointing.check_resumable(tag_dir, zero_stage, list(streams))
+            checkpointing.check_resumable(tag_dir, zero_stage, tasks)
             saved = checkpointing.load_checkpoint(self.engine, tag_dir, self.ctx.rank, self.ctx.world_size,
                                                   self.folder)
             for name, stream in streams.items():

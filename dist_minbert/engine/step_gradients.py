@@ -12,6 +12,7 @@ gradient_accumulation_steps 1, and a skipped step leaves no trace in it (no micr
 `sum`: the baseline, Σ_t w_t L_t, one backward per micro-batch.
 `pcgrad` / `pcgrad_local`: each task gets its own backward; the per-task gradients of the shared
 encoder go through the all-reduce-aware combination (dist_minbert.surgery.distributed).
+SimCSE (`ContrastiveGradients`): one contrastive loss over every rank's views (dist_minbert.contrastive).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from dist_minbert.contrastive.config import SimCSEConfig
+from dist_minbert.contrastive.grad_cache import simcse_gradients
 from dist_minbert.engine.config import DeepSpeedConfig, OptimConfig
 from dist_minbert.engine.deepspeed_engine import build_engine
 from dist_minbert.surgery.comm import CommCounter
@@ -99,9 +102,36 @@ class SummedGradients:
         norms = torch.stack(torch._foreach_norm(grads)).double().cpu()
         if not all_finite(torch.cat([torch.tensor(list(losses.values()), dtype=torch.float64), norms])):
             raise NonFiniteStep(f"non-finite loss or gradient: {_fmt(losses)}")
-        self.engine.backward(_HandOver.apply(grads, *[self.parameters[i] for i in touched]))
-        self.engine.step()
+        hand_over(self.engine, [self.parameters[i] for i in touched], grads)
         return StepOutcome(losses, None)
+
+
+class ContrastiveGradients:
+    """SimCSE: loss (3) of this rank's sentences against every rank's views, its gradient (through GradCache
+    when simcse.chunk_size is set), checked for NaN/inf on every rank, handed to DeepSpeed."""
+
+    def __init__(self, engine, model: torch.nn.Module, cfg: SimCSEConfig) -> None:
+        self.engine, self.model, self.cfg = engine, model, cfg
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+
+    def run(self, batch: Batch) -> float:
+        """One optimizer step on this rank's sentences; returns this rank's loss."""
+        loss, grads = simcse_gradients(self.model, batch, self.parameters, temperature=self.cfg.temperature,
+                                       negatives=self.cfg.negatives, chunk_size=self.cfg.chunk_size or None)
+        touched = [i for i, g in enumerate(grads) if g is not None]  # the pooler under mean pooling, say
+        grads = [grads[i] for i in touched]
+        norms = torch.stack(torch._foreach_norm(grads)).double().cpu()
+        if not all_finite(torch.cat([loss.detach().double().reshape(1).cpu(), norms])):
+            raise NonFiniteStep(f"non-finite contrastive loss or gradient: loss={float(loss):.4g}")
+        hand_over(self.engine, [self.parameters[i] for i in touched], grads)
+        return float(loss)
+
+
+def hand_over(engine, parameters: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """Apply `grads` (one per parameter, this rank's) as the step's gradient: DeepSpeed reduces, clips and
+    steps as after any backward. The list is emptied (autograd adopts the tensors as .grad, no copy)."""
+    engine.backward(_HandOver.apply(grads, *parameters))
+    engine.step()
 
 
 class SurgeryGradients:

@@ -71,7 +71,8 @@ class Trainer:
                              f"workers; allowed: 0 to {ctx.world_size - 1}")
         self.checkpoints = RunCheckpointer(self.engine, self.out, cfg.checkpoint, ctx,
                                            lambda path: save_config(cfg, path), report, self.logger.flush)
-        self.state = self.checkpoints.resume(self.data.streams, cfg.train.seed, cfg.deepspeed.zero_stage)
+        self.state = self.checkpoints.resume(self.data.streams, cfg.train.seed, cfg.deepspeed.zero_stage,
+                                             list(cfg.tasks))
 
     def _write_run_files(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -143,7 +144,7 @@ class Trainer:
                 started = time.perf_counter()
                 losses = self.train_step(step)
                 step_s = waited_s + time.perf_counter() - started  # a data stall is lost training time
-                step_samples = sum(self.data.batch_sizes[t] for t in losses)
+                step_samples = sum(self.data.plan(step.position)[t] for t in losses)  # proportional: not the config's
                 samples, train_s = samples + step_samples, train_s + step_s
                 window.add(losses, step_samples, step_s)
                 bar.update(1)

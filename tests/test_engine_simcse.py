@@ -1,0 +1,92 @@
+"""The SimCSE job end to end on 2 Ray Train workers: the engine's parts reused, STS zero-shot evaluation, the
+best encoder exported as a `model.checkpoint`, and a resumed run equal to the uninterrupted one."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.ray_workers import write_slice
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def corpus_shards(tmp_path_factory, tiny_checkpoint, shared_data) -> Path:
+    """200 SST training sentences, prepared into corpus shards with the tiny model's tokenizer."""
+    from dist_minbert.cli import main
+
+    folder = tmp_path_factory.mktemp("simcse_corpus")
+    rows = write_slice(shared_data / "ids-sst-train.csv", folder / "sst.csv", 200).read_text().splitlines()[1:]
+    (folder / "corpus.txt").write_text("".join(row.split("\t")[2] + "\n" for row in rows))
+    assert main(["prepare", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "simcse.yaml"),
+                 "--corpus", str(folder / "corpus.txt"), "--out", str(folder / "shards"),
+                 f"model.checkpoint={tiny_checkpoint}", f"simcse.corpus={folder / 'shards'}"]) == 0
+    return folder / "shards"
+
+
+def _config(tiny_checkpoint, corpus_shards, shared_data, out: Path, *overrides: str):
+    from dist_minbert.config import load_simcse_config
+
+    repo = Path(__file__).resolve().parents[1]
+    return load_simcse_config(repo / "configs" / "simcse.yaml", [
+        f"model.checkpoint={tiny_checkpoint}", f"simcse.corpus={corpus_shards}", f"data.root={shared_data}",
+        f"train.output_dir={out}", "simcse.batch_size_per_worker=8", "simcse.eval_every_steps=3",
+        "optim.schedule=constant", "observe.log_every=1", "observe.progress=false", *overrides])
+
+
+def _encoder_weights(folder: Path) -> torch.Tensor:
+    from dist_minbert.model.checkpoint import load_encoder
+
+    return torch.cat([p.detach().reshape(-1) for p in load_encoder(str(folder)).parameters()])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, tmp_path_factory, tiny_checkpoint, corpus_shards, shared_data) -> dict:
+    from launch.ray_run import run_simcse
+
+    out = tmp_path_factory.mktemp("simcse_run")
+    return run_simcse(_config(tiny_checkpoint, corpus_shards, shared_data, out, f"train.max_steps={STEPS}"))
+
+
+def test_simcse_trains_evaluates_and_exports_an_encoder_for_train(uninterrupted, tiny_checkpoint):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dist_minbert.config import load_config
+
+    summary = uninterrupted
+    assert summary["num_workers"] == 2 and summary["steps"] == STEPS and summary["samples"] == STEPS * 16
+    for label in ("initial_dev", "best_dev", "dev"):
+        assert set(summary[label]["sts"]) == {"pearson", "spearman", "alignment", "uniformity"}
+    assert summary["best_score"] == summary["best_dev"]["sts"]["spearman"]
+    events = EventAccumulator(summary["paths"]["tensorboard"])
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss/simcse")] == list(range(1, STEPS + 1))
+    assert [e.step for e in events.Scalars("dev/sts/spearman")] == [0, 3, 6]
+    assert {"dev/sts/alignment", "dev/sts/uniformity", "time/data_s"} <= set(events.Tags()["scalars"])
+    encoder = Path(summary["paths"]["encoder"])
+    assert not torch.equal(_encoder_weights(encoder), _encoder_weights(Path(tiny_checkpoint)))  # it trained
+    # The export is a model.checkpoint for multitask fine-tuning (the B3 row).
+    assert load_config(None, [f"model.checkpoint={encoder}"]).model.checkpoint == str(encoder)
+
+
+def test_resumed_simcse_run_equals_the_uninterrupted_one(uninterrupted, tiny_checkpoint, corpus_shards,
+                                                          shared_data, tmp_path):
+    """Same workers, constant learning rate: 3 steps, a new launch resuming from `latest` for the other 3 —
+    stream positions, RNG (dropout masks) and optimizer state carry over, so the weights match exactly."""
+    from launch.ray_run import run_simcse
+
+    out = tmp_path / "resumed"
+    first = run_simcse(_config(tiny_checkpoint, corpus_shards, shared_data, out, "train.max_steps=3"))
+    assert first["steps"] == 3
+    resumed = run_simcse(_config(tiny_checkpoint, corpus_shards, shared_data, out, f"train.max_steps={STEPS}",
+                                 "checkpoint.resume=latest"))
+    assert resumed["steps"] == STEPS
+    assert resumed["best_dev"] == uninterrupted["best_dev"]
+    assert torch.equal(_encoder_weights(Path(resumed["paths"]["encoder"])),
+                       _encoder_weights(Path(uninterrupted["paths"]["encoder"])))
+    assert json.loads((out / "summary.json").read_text())["steps"] == STEPS

@@ -78,18 +78,23 @@ def _print_summary(summary: dict) -> None:
     print(f"summary      {Path(paths['output_dir']) / 'summary.json'}")
 
 
-def _load_quietly(checkpoint: str):
-    """The checkpoint's model; DeepSpeed's import-time notices go to stderr so stdout stays machine-readable."""
+def _load_quietly(checkpoint: str, heads: bool = False):
+    """The checkpoint's model; DeepSpeed's import-time notices go to stderr so stdout stays machine-readable.
+    `heads`: the caller needs task heads, which a SimCSE run does not have."""
     from dist_minbert.engine.checkpoint_io import load_trained_model
 
     with contextlib.redirect_stdout(sys.stderr):
-        return load_trained_model(checkpoint)
+        cfg, model = load_trained_model(checkpoint)
+    if heads and not hasattr(cfg, "tasks"):
+        raise ConfigError(f"{checkpoint}: a SimCSE run has no task heads; allowed: `export` it, or fine-tune its "
+                          f"encoder/ folder with `train` (model.checkpoint)")
+    return cfg, model
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dist_minbert.engine.inference import evaluate_file
 
-    cfg, model = _load_quietly(args.checkpoint)
+    cfg, model = _load_quietly(args.checkpoint, heads=True)
     files = _task_files(args.files) or [(t, cfg.data.resolve(s.dev)) for t, s in cfg.tasks.items() if s.dev]
     results = {task: evaluate_file(model, cfg, task, path, labelled=True)[2] for task, path in files}
     print(json.dumps(results, indent=2))
@@ -100,7 +105,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from dist_minbert.engine.inference import evaluate_file
     from dist_minbert.tasks.predictions import write_predictions
 
-    cfg, model = _load_quietly(args.checkpoint)
+    cfg, model = _load_quietly(args.checkpoint, heads=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for task, path in _task_files(args.files):
@@ -117,9 +122,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     cfg, model = _load_quietly(args.checkpoint)
     if args.format == "sentence-transformers":
-        export_sentence_transformers(model.encoder, cfg.model.checkpoint, args.out, cfg.model.pooling,
-                                     cfg.model.max_length)
-        print(f"sentence-transformers folder ({cfg.model.pooling} pooling, max_seq_length {cfg.model.max_length}) "
+        # A SimCSE run's sentence embedding leaves the training MLP out.
+        pooling = cfg.simcse.embedding_pooling() if hasattr(cfg, "simcse") else cfg.model.pooling
+        export_sentence_transformers(model.encoder, cfg.model.checkpoint, args.out, pooling, cfg.model.max_length)
+        print(f"sentence-transformers folder ({pooling} pooling, max_seq_length {cfg.model.max_length}) "
               f"written to {args.out}")
         return 0
     export_hf(model.encoder, cfg.model.checkpoint, args.out)

@@ -90,3 +90,32 @@ def test_resumed_simcse_run_equals_the_uninterrupted_one(uninterrupted, tiny_che
     assert torch.equal(_encoder_weights(Path(resumed["paths"]["encoder"])),
                        _encoder_weights(Path(uninterrupted["paths"]["encoder"])))
     assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
+
+
+def test_a_simcse_run_exports_as_a_sentence_encoder_and_has_no_heads_to_evaluate(uninterrupted, tmp_path,
+                                                                                  monkeypatch, capsys):
+    """The trained encoder, with the embedding's pooling ([CLS] without the training MLP), through the real
+    sentence-transformers library."""
+    import huggingface_hub.constants
+    from sentence_transformers import SentenceTransformer
+
+    from dist_minbert.cli import main
+    from dist_minbert.model.checkpoint import load_encoder
+    from dist_minbert.model.tokenizer import WordPieceTokenizer
+    from dist_minbert.tasks.sentence_embedding import embed_sentences
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    run = uninterrupted["paths"]["output_dir"]
+    assert main(["export", run, str(tmp_path / "st"), "--format", "sentence-transformers"]) == 0
+    assert "cls pooling" in capsys.readouterr().out
+    texts = ["A very funny movie.", "Two dogs are running through a field of tall grass.", "No."]
+    encoder_dir = uninterrupted["paths"]["encoder"]
+    ours = embed_sentences(load_encoder(encoder_dir, dropout=0.0), WordPieceTokenizer.from_checkpoint(encoder_dir),
+                           texts, "cls", 32)
+    theirs = SentenceTransformer(str(tmp_path / "st"), device="cpu", local_files_only=True).encode(
+        texts, convert_to_tensor=True)
+    assert (ours - theirs.cpu()).abs().max() < 1e-5
+
+    assert main(["evaluate", run]) == 2
+    assert "a SimCSE run has no task heads" in capsys.readouterr().err

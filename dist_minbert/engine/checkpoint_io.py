@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from dist_minbert.config import RunConfig, config_from_dict
+from dist_minbert.config import RunConfig, SimCSERunConfig, config_from_dict, simcse_config_from_dict
+from dist_minbert.contrastive.model import SentenceEncoder
 from dist_minbert.engine.checkpointing import BEST, CHECKPOINTS_DIR, RUN_CONFIG, latest_checkpoint
 from dist_minbert.model.checkpoint import load_encoder
 from dist_minbert.tasks.multitask import MultitaskModel
@@ -35,11 +36,17 @@ def load_module_state(tag_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
 
 
-def load_trained_model(path: str | Path) -> tuple[RunConfig, MultitaskModel]:
-    """The run's config and its multitask model with the checkpoint's weights, in eval mode."""
+def load_trained_model(path: str | Path) -> tuple[RunConfig | SimCSERunConfig, MultitaskModel | SentenceEncoder]:
+    """The run's config and its model (multitask, or SimCSE's sentence encoder) with the checkpoint's weights,
+    in eval mode. Both hold the trained BERT as `.encoder`."""
     tag_dir = _checkpoint_folder(path)
-    cfg = config_from_dict(yaml.safe_load((tag_dir / RUN_CONFIG).read_text()))
-    model = MultitaskModel(load_encoder(cfg.model.checkpoint, dropout=0.0), cfg.tasks, cfg.model.pooling)
+    raw = yaml.safe_load((tag_dir / RUN_CONFIG).read_text())
+    if "simcse" in raw:
+        cfg = simcse_config_from_dict(raw)
+        model = SentenceEncoder(load_encoder(cfg.model.checkpoint, dropout=0.0), cfg.simcse.pooling)
+    else:
+        cfg = config_from_dict(raw)
+        model = MultitaskModel(load_encoder(cfg.model.checkpoint, dropout=0.0), cfg.tasks, cfg.model.pooling)
     try:
         model.load_state_dict(load_module_state(tag_dir))
     except RuntimeError as exc:  # parameter names or shapes differ from what this version of the model builds

@@ -80,3 +80,15 @@ def test_a_nan_score_is_never_best_and_does_not_block_later_ones():
     assert not history.record({"sts": {"pearson": math.nan}}, math.nan, "step-00000018")
     assert history.record({"sts": {"pearson": 0.2}}, 0.6, "step-00000024")
     assert (history.best_tag, history.best_score) == ("step-00000024", 0.6)
+
+
+def test_skipped_steps_stop_the_run_at_the_limit_in_a_row_only():
+    from dist_minbert.engine.step_policy import SkippedSteps
+    from dist_minbert.observe.metrics_logger import MetricsLogger
+
+    steps = SkippedSteps(limit=2, logger=MetricsLogger(None))
+    steps.skipped(1, ValueError("nan"))
+    steps.trained()
+    steps.skipped(3, ValueError("nan"))  # one in a row again: goes on
+    with pytest.raises(RuntimeError, match="2 steps in a row .*train.max_nonfinite_steps=2.*last: inf"):
+        steps.skipped(4, ValueError("inf"))

@@ -18,6 +18,12 @@ from dist_minbert.data.stream import TaskStream
 Position = tuple[int, int]  # (epoch, step in epoch)
 
 
+def step_positions(epoch_steps: list[int], first_step: int, total_steps: int) -> list[Position]:
+    """(epoch, step in epoch) of global steps first_step … total_steps - 1, epochs of `epoch_steps` steps."""
+    every = [(epoch, step) for epoch, num_steps in enumerate(epoch_steps) for step in range(num_steps)]
+    return every[first_step: total_steps]
+
+
 @dataclass(frozen=True)
 class StepBatches:
     position: Position

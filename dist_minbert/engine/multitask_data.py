@@ -13,7 +13,7 @@ from pathlib import Path
 from dist_minbert.config import RunConfig
 from dist_minbert.data.collate import collator
 from dist_minbert.data.schedule import sampling_probabilities, steps_in_epoch, tasks_for_step
-from dist_minbert.data.step_reader import Position, StepReader
+from dist_minbert.data.step_reader import Position, StepReader, step_positions
 from dist_minbert.data.stream import TaskStream
 from dist_minbert.engine.dist_context import DistContext
 from dist_minbert.engine.task_inputs import load_task_splits
@@ -47,8 +47,7 @@ class MultitaskData:
 
     def positions(self, first_step: int = 0) -> list[Position]:
         """(epoch, step in epoch) of every optimizer step from global step `first_step` on, up to max_steps."""
-        every = [(epoch, step) for epoch, num_steps in enumerate(self.epoch_steps) for step in range(num_steps)]
-        return every[first_step: self.total_steps]
+        return step_positions(self.epoch_steps, first_step, self.total_steps)
 
     def plan(self, position: Position) -> dict[str, int]:
         """The tasks the step at `position` draws, with their global batch sizes."""

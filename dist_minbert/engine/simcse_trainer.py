@@ -25,15 +25,16 @@ from dist_minbert.contrastive.model import SentenceEncoder
 from dist_minbert.data.collate import collator
 from dist_minbert.data.prefetch import Prefetcher
 from dist_minbert.data.shards import open_source
-from dist_minbert.data.step_reader import StepReader
+from dist_minbert.data.step_reader import Position, StepReader, step_positions
 from dist_minbert.data.stream import TaskStream
 from dist_minbert.engine import checkpointing
 from dist_minbert.engine.deepspeed_engine import build_engine
 from dist_minbert.engine.dist_context import DistContext
 from dist_minbert.engine.multitask_data import task_seed
 from dist_minbert.engine.run_checkpoint import Report, RunCheckpointer
+from dist_minbert.engine.run_summary import write_summary
 from dist_minbert.engine.step_gradients import ContrastiveGradients, NonFiniteStep
-from dist_minbert.engine.step_policy import step_actions
+from dist_minbert.engine.step_policy import SkippedSteps, step_actions
 from dist_minbert.model.checkpoint import load_encoder
 from dist_minbert.model.export import export_hf
 from dist_minbert.model.tokenizer import WordPieceTokenizer
@@ -81,8 +82,8 @@ class SimCSETrainer:
         torch.manual_seed(cfg.train.seed + 1 + ctx.rank)  # distinct dropout masks per rank
         self.sts = _read_sts(Path(cfg.data.root) / cfg.simcse.sts_dev, cfg.data.on_bad_row)
         self.timers = StepTimers()
-        self.num_skipped_in_a_row = 0
         self.logger = MetricsLogger(str(self.out / "tensorboard") if ctx.is_main and cfg.observe.tensorboard else None)
+        self.skipped_steps = SkippedSteps(cfg.train.max_nonfinite_steps, self.logger)
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
@@ -98,9 +99,8 @@ class SimCSETrainer:
     def global_step(self) -> int:
         return self.state.global_step
 
-    def positions(self) -> list[tuple[int, int]]:
-        every = [(epoch, step) for epoch, num_steps in enumerate(self.epoch_steps) for step in range(num_steps)]
-        return every[self.global_step: self.total_steps]
+    def positions(self) -> list[Position]:
+        return step_positions(self.epoch_steps, self.global_step, self.total_steps)
 
     def train_step(self, step) -> float | None:
         """One optimizer step; this rank's loss, or None when a NaN/inf skipped it on every rank."""
@@ -109,16 +109,12 @@ class SimCSETrainer:
         self.state.global_step += 1
         try:
             with self.timers.phase("step"):
-                return self.gradients.run(batch)
+                loss = self.gradients.run(batch)
         except NonFiniteStep as exc:
-            self.num_skipped_in_a_row += 1
-            log.warning("step %d skipped on every rank: %s (%d in a row)", self.global_step, exc,
-                        self.num_skipped_in_a_row)
-            self.logger.scalars(self.global_step, {"train/skipped_nonfinite": 1.0})
-            if self.num_skipped_in_a_row >= self.cfg.train.max_nonfinite_steps:
-                raise RuntimeError(f"{self.num_skipped_in_a_row} steps in a row had a non-finite loss or gradient "
-                                   f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); last: {exc}")
+            self.skipped_steps.skipped(self.global_step, exc)
             return None
+        self.skipped_steps.trained()
+        return loss
 
     def evaluate(self) -> dict[str, float]:
         """STS dev figures of the current weights, identical on every rank (rank 0 computes, then broadcasts)."""
@@ -180,27 +176,11 @@ class SimCSETrainer:
         return self._summary(samples, train_s, encoder_dir)
 
     def _summary(self, samples: int, train_s: float, encoder_dir: Path) -> dict:
-        history = self.state.dev_history
-        summary = {
-            "num_workers": self.ctx.world_size,
-            "steps": self.global_step,
-            "samples": samples,
-            "samples_per_s": samples / train_s if train_s else 0.0,
-            "train_s": train_s,
-            "wall_s": time.perf_counter() - self.started,
-            "pooling": self.cfg.simcse.pooling,
-            "embedding_pooling": self.cfg.simcse.embedding_pooling(),
-            "initial_dev": history.initial,
-            "dev": history.last,
-            "best_dev": history.best,
-            "best_score": history.best_score if history.best else None,
-            "paths": {"output_dir": str(self.out), "tensorboard": str(self.out / "tensorboard"),
-                      "checkpoint": str(self.checkpoints.best_path), "encoder": str(encoder_dir),
-                      "config": str(self.out / "config.yaml"), "predictions": {}},
-        }
-        if self.ctx.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-            self.logger.close()
+        summary = write_summary(self.out, self.ctx, self.state, samples, train_s, self.started,
+                                self.checkpoints.best_path, {"encoder": str(encoder_dir), "predictions": {}},
+                                pooling=self.cfg.simcse.pooling,
+                                embedding_pooling=self.cfg.simcse.embedding_pooling())
+        self.logger.close()
         return summary
 
     def _log_train(self, epoch: int, window: dict[str, float]) -> None:

@@ -5,11 +5,15 @@ the engine (SimCSE) decide alike, and a resumed run decides as the uninterrupted
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 from dist_minbert.engine.config import CheckpointConfig, TrainConfig
 from dist_minbert.observe.config import ObserveConfig
+from dist_minbert.observe.metrics_logger import MetricsLogger
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,3 +61,23 @@ class DevHistory:
             return False
         self.best, self.best_score, self.best_tag = dev, score, tag
         return True
+
+
+class SkippedSteps:
+    """Steps skipped for a NaN/inf loss or gradient (every rank skips together): each is logged; this many in a
+    row (train.max_nonfinite_steps) stop the run, since training has diverged rather than met one bad batch."""
+
+    def __init__(self, limit: int, logger: MetricsLogger) -> None:
+        self.limit, self.logger = limit, logger
+        self.num_in_a_row = 0
+
+    def skipped(self, step: int, cause: Exception) -> None:
+        self.num_in_a_row += 1
+        log.warning("step %d skipped on every rank: %s (%d in a row)", step, cause, self.num_in_a_row)
+        self.logger.scalars(step, {"train/skipped_nonfinite": 1.0})
+        if self.num_in_a_row >= self.limit:
+            raise RuntimeError(f"{self.num_in_a_row} steps in a row had a non-finite loss or gradient "
+                               f"(train.max_nonfinite_steps={self.limit}); last: {cause}")
+
+    def trained(self) -> None:
+        self.num_in_a_row = 0

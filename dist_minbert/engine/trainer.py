@@ -23,8 +23,9 @@ from dist_minbert.engine.dist_context import DistContext
 from dist_minbert.engine.evaluation import Evaluator, Metrics, SplitPredictions
 from dist_minbert.engine.multitask_data import MultitaskData
 from dist_minbert.engine.run_checkpoint import Report, RunCheckpointer
+from dist_minbert.engine.run_summary import write_summary
 from dist_minbert.engine.step_gradients import NonFiniteStep, build_gradients
-from dist_minbert.engine.step_policy import step_actions
+from dist_minbert.engine.step_policy import SkippedSteps, step_actions
 from dist_minbert.engine.task_inputs import merge_rejects
 from dist_minbert.model.checkpoint import load_encoder
 from dist_minbert.observe.loss_window import LossWindow
@@ -62,8 +63,8 @@ class Trainer:
                                    cfg.train.eval_batch_size, cfg.train.eval_max_rows)
         self.timers = StepTimers()
         self.num_truncated: dict[str, int] = defaultdict(int)
-        self.num_skipped_in_a_row = 0
         self.logger = MetricsLogger(str(self.out / "tensorboard") if ctx.is_main and cfg.observe.tensorboard else None)
+        self.skipped_steps = SkippedSteps(cfg.train.max_nonfinite_steps, self.logger)
         if ctx.is_main:
             self._write_run_files()
         if cfg.checkpoint.kill_at_step and not cfg.checkpoint.kill_rank < ctx.world_size:
@@ -112,21 +113,12 @@ class Trainer:
             with self.timers.phase("step"):
                 outcome = self.gradients.run(micro_batches, self.loss, weights, self.global_step)
         except NonFiniteStep as exc:
-            self._skipped(exc)
+            self.skipped_steps.skipped(self.global_step, exc)
             return {}
-        self.num_skipped_in_a_row = 0
+        self.skipped_steps.trained()
         if outcome.stats is not None and self.global_step % self.cfg.observe.log_every == 0:
             self.logger.scalars(self.global_step, surgery_scalars(outcome.stats, list(self.model.tasks)))
         return outcome.losses
-
-    def _skipped(self, exc: NonFiniteStep) -> None:
-        self.num_skipped_in_a_row += 1
-        log.warning("step %d skipped on every rank: %s (%d in a row)", self.global_step, exc,
-                    self.num_skipped_in_a_row)
-        self.logger.scalars(self.global_step, {"train/skipped_nonfinite": 1.0})
-        if self.num_skipped_in_a_row >= self.cfg.train.max_nonfinite_steps:
-            raise RuntimeError(f"{self.num_skipped_in_a_row} steps in a row had a non-finite loss or gradient "
-                               f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); last: {exc}")
 
     # -- the run ------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -183,27 +175,13 @@ class Trainer:
         return dev, predictions
 
     def _summary(self, samples: int, train_s: float, predictions: dict[str, str]) -> dict:
-        history = self.state.dev_history
-        summary = {
-            "num_workers": self.ctx.world_size,
-            "steps": self.global_step,
-            "samples": samples,
-            "samples_per_s": samples / train_s if train_s else 0.0,
-            "train_s": train_s,
-            "wall_s": time.perf_counter() - self.started,  # this worker: data, engine, training, evaluation
-            "initial_dev": history.initial,
-            "dev": history.last,
-            "best_dev": history.best,
-            "score": overall_score(history.last) if history.last else None,
-            "best_score": history.best_score if history.last else None,
-            "truncated_rows": dict(self.num_truncated),
-            "paths": {"output_dir": str(self.out), "tensorboard": str(self.out / "tensorboard"),
-                      "checkpoint": str(self.checkpoints.best_path), "predictions": predictions,
-                      "config": str(self.out / "config.yaml"), "rejects": str(self.out / "rejects.tsv")},
-        }
-        if self.ctx.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-            self.logger.close()
+        last = self.state.dev_history.last
+        summary = write_summary(self.out, self.ctx, self.state, samples, train_s, self.started,
+                                self.checkpoints.best_path,
+                                {"predictions": predictions, "rejects": str(self.out / "rejects.tsv")},
+                                score=overall_score(last) if last else None,
+                                truncated_rows=dict(self.num_truncated))
+        self.logger.close()
         return summary
 
     def _log_train(self, epoch: int, window: dict[str, float]) -> None:

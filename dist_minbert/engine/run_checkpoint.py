@@ -90,7 +90,8 @@ class RunCheckpointer:
         self.engine.load_checkpoint(str(self.folder), tag=checkpointing.BEST, load_module_only=True)
         return True
 
-    @property
-    def best_path(self) -> Path:
-        return self.folder / checkpointing.BEST
+    def final_path(self) -> Path | None:
+        """The checkpoint a finished run stands for: `best`, else the latest (no evaluation was ever best)."""
+        best = self.folder / checkpointing.BEST
+        return best if best.exists() else checkpointing.latest_checkpoint(self.folder)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -10,8 +11,9 @@ from dist_minbert.engine.run_checkpoint import RunState
 
 
 def write_summary(out: Path, ctx: DistContext, state: RunState, samples: int, train_s: float, started: float,
-                  checkpoint: Path, paths: dict, **figures) -> dict:
-    """The summary (rank 0 writes it to out/summary.json); `figures` and `paths` are the job's own entries."""
+                  checkpoint: Path | None, paths: dict, **figures) -> dict:
+    """The summary (rank 0 writes it to out/summary.json); `figures` and `paths` are the job's own entries.
+    A metric that is NaN or infinite (a constant prediction's Pearson) is written as null: strict JSON."""
     history = state.dev_history
     summary = {
         "num_workers": ctx.world_size,
@@ -25,9 +27,19 @@ def write_summary(out: Path, ctx: DistContext, state: RunState, samples: int, tr
         "best_dev": history.best,
         "best_score": history.best_score if history.best else None,
         **figures,
-        "paths": {"output_dir": str(out), "tensorboard": str(out / "tensorboard"), "checkpoint": str(checkpoint),
+        "paths": {"output_dir": str(out), "tensorboard": str(out / "tensorboard"), "checkpoint": str(checkpoint) if checkpoint else None,
                   "config": str(out / "config.yaml"), **paths},
     }
     if ctx.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (out / "summary.json").write_text(json.dumps(_finite(summary), indent=2, allow_nan=False))
     return summary
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

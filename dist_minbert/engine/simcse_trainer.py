@@ -177,7 +177,7 @@ class SimCSETrainer:
 
     def _summary(self, samples: int, train_s: float, encoder_dir: Path) -> dict:
         summary = write_summary(self.out, self.ctx, self.state, samples, train_s, self.started,
-                                self.checkpoints.best_path, {"encoder": str(encoder_dir), "predictions": {}},
+                                self.checkpoints.final_path(), {"encoder": str(encoder_dir), "predictions": {}},
                                 pooling=self.cfg.simcse.pooling,
                                 embedding_pooling=self.cfg.simcse.embedding_pooling())
         self.logger.close()

@@ -177,7 +177,7 @@ class Trainer:
     def _summary(self, samples: int, train_s: float, predictions: dict[str, str]) -> dict:
         last = self.state.dev_history.last
         summary = write_summary(self.out, self.ctx, self.state, samples, train_s, self.started,
-                                self.checkpoints.best_path,
+                                self.checkpoints.final_path(),
                                 {"predictions": predictions, "rejects": str(self.out / "rejects.tsv")},
                                 score=overall_score(last) if last else None,
                                 truncated_rows=dict(self.num_truncated))

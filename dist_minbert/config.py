@@ -137,6 +137,9 @@ def _resolve_paths(cfg: RunConfig | SimCSERunConfig, base: Path) -> None:
     """Local relative paths → absolute, so Ray workers (whose cwd differs) read the same files."""
     if isinstance(cfg, SimCSERunConfig) and _is_local(cfg.simcse.corpus):
         cfg.simcse.corpus = str((base / cfg.simcse.corpus).resolve())
+    for task in getattr(cfg, "tasks", {}).values():
+        if _is_local(task.corpus):
+            task.corpus = str((base / task.corpus).resolve())
     if _is_local(cfg.data.root):
         cfg.data.root = str((base / cfg.data.root).resolve())
     if _is_local(cfg.data.shards):

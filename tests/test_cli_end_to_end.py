@@ -1,7 +1,7 @@
 """`dist-minbert train` on 2 workers for what is otherwise tested only as functions: the sampled schedules,
 a task defined in YAML alone, and the UPGrad and MGDA weightings through the DeepSpeed trainer.
 
-Four short jobs (each trained once per module, ~40 s on 2 cores, mostly Ray Train's start-up), each through
+Five short jobs (each trained once per module, ~40 s on 2 cores, mostly Ray Train's start-up), each through
 the CLI's `main(["train", "--config", ...])` on the session's Ray instance, on 2 workers, with
 `observe.log_every=1` so that every optimizer step writes its scalars:
 
@@ -9,6 +9,7 @@ the CLI's `main(["train", "--config", ...])` on the session's Ray instance, on 2
     temperature, 2 of 3 tasks a step, MGDA
     staggered: QQP alone for one epoch, then all three
     proportional batches: every task every step, batch_i = ceil(ceil(N_i / K) / 8) * 8
+    a corpus as a contrastive task beside two builtins, annealed (its size capped), exact PCGrad
 
 Each test reads back what a job logged (TensorBoard event files, through tensorboard's own reader) and checks
 it against the pure function that should have decided it: `tasks_for_step` for the tasks and batch sizes of
@@ -36,7 +37,8 @@ pytestmark = pytest.mark.distributed
 
 # Train rows per task: distinct sizes, so size-driven schedules (annealed, temperature, proportional) differ
 # from uniform ones. Batch sizes are global, 8 per task (4 per rank).
-TRAIN_ROWS = {"sst": 48, "qqp": 16, "sts": 32, "nli": 40}
+TRAIN_ROWS = {"sst": 48, "qqp": 16, "sts": 32, "nli": 40, "corpus": 40}  # the corpus's: its size_cap
+NUM_CORPUS_LINES = 120  # more than its cap: the schedule must count the cap
 NUM_DEV_ROWS, NUM_TEST_ROWS = 12, 10
 BATCH_SIZE = 8
 BUILTIN_FILES = {  # split → file name in the shared data (and in each job's data.root)
@@ -56,6 +58,8 @@ NLI_TASK = {
     "batch_size": BATCH_SIZE,
 }
 NLI_ROWS = {"train": TRAIN_ROWS["nli"], "dev": NUM_DEV_ROWS, "test": NUM_TEST_ROWS - 1}
+# A corpus in the mixture: SimCSE's loss on its sentences, no head, no dev or test split.
+CORPUS_TASK = {"kind": "contrastive", "head": "none", "batch_size": BATCH_SIZE, "size_cap": TRAIN_ROWS["corpus"]}
 
 
 @dataclass(frozen=True)
@@ -78,11 +82,15 @@ JOBS = {
         "schedule.steps_per_epoch=2", "train.epochs=2")),
     # K = 3 steps: batches ceil(48/3)=16 → 16, ceil(16/3)=6 → 8, ceil(32/3)=11 → 16 (multiples of 8).
     "proportional": Job(("sst", "qqp", "sts"), ("schedule.name=proportional_batch", "schedule.steps_per_epoch=3")),
+    "corpus_annealed_pcgrad": Job(("sst", "sts", "corpus"), (
+        "schedule.name=annealed", "schedule.tasks_per_step=2", "schedule.steps_per_epoch=3", "train.epochs=2",
+        "surgery.mode=pcgrad"), weighting="pcgrad"),
 }
 
 
 WEIGHTING_JOBS = [name for name, job in JOBS.items() if job.weighting]
 YAML_TASK_JOB = "annealed_k2_nli_upgrad"
+CORPUS_JOB = "corpus_annealed_pcgrad"
 every_job = pytest.mark.parametrize("name", list(JOBS))
 
 
@@ -109,11 +117,20 @@ def nli_frame(split: str, num_rows: int) -> pd.DataFrame:
     return frame
 
 
-def write_data(shared_data: Path, root: Path, tasks: tuple[str, ...]) -> None:
-    """Slices of the shared CS224N files under their own names, and the YAML task's own TSV files (pandas
-    CS224N style: tab-separated, header line, leading index column, pandas quoting)."""
+def write_data(shared_data: Path, root: Path, tasks: tuple[str, ...], checkpoint: str) -> None:
+    """Slices of the shared CS224N files under their own names, the YAML task's own TSV files (pandas
+    CS224N style: tab-separated, header line, leading index column, pandas quoting), and the corpus's shards
+    (SST test sentences, which no other task of a job trains on)."""
     root.mkdir()
     for task in tasks:
+        if task == "corpus":
+            lines = write_slice(shared_data / "ids-sst-test-student.csv", root / "corpus.csv", NUM_CORPUS_LINES)
+            text = "".join(row.split("\t")[2] + "\n" for row in lines.read_text().splitlines()[1:])
+            (root / "corpus.txt").write_text(text)
+            assert main(["prepare", "--config", str(write_config(root / "prepare.yaml", ("sst",), checkpoint, root,
+                                                                   root)),
+                         "--corpus", str(root / "corpus.txt"), "--out", str(root / "corpus")]) == 0
+            continue
         if task == "nli":
             for split, num_rows in NLI_ROWS.items():
                 nli_frame(split, num_rows).to_csv(root / NLI_TASK[split], sep="\t")
@@ -123,10 +140,18 @@ def write_data(shared_data: Path, root: Path, tasks: tuple[str, ...]) -> None:
             write_slice(shared_data / name, root / name, num_rows)
 
 
+def task_config(task: str, data_root: Path) -> dict:
+    if task == "nli":
+        return NLI_TASK
+    if task == "corpus":
+        return {**CORPUS_TASK, "corpus": str(data_root / "corpus")}
+    return {**BUILTIN_HEADS[task], "batch_size": BATCH_SIZE}
+
+
 def write_config(path: Path, tasks: tuple[str, ...], checkpoint: str, data_root: Path, out: Path) -> Path:
     config = {
         "model": {"checkpoint": checkpoint, "max_length": 32, "dropout": 0.0},
-        "tasks": {t: NLI_TASK if t == "nli" else {**BUILTIN_HEADS[t], "batch_size": BATCH_SIZE} for t in tasks},
+        "tasks": {t: task_config(t, data_root) for t in tasks},
         "data": {"root": str(data_root)},
         "train": {"output_dir": str(out), "seed": 7},
         "observe": {"log_every": 1, "progress": False},
@@ -140,7 +165,7 @@ def train_job(name: str, checkpoint: str, shared_data: Path, folder: Path) -> Ru
     """`dist-minbert train --config job.yaml <overrides>` on the job's own data slices."""
     job = JOBS[name]
     data_root, out = folder / "data", folder / "run"
-    write_data(shared_data, data_root, job.tasks)
+    write_data(shared_data, data_root, job.tasks, checkpoint)
     config = write_config(folder / "job.yaml", job.tasks, checkpoint, data_root, out)
     assert main(["train", "--config", str(config), *job.overrides]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -200,7 +225,7 @@ def test_the_run_trains_every_step_of_the_schedule(runs, name):
     assert run.summary["samples"] == sum(sum(p.values()) for p in plan.values())
     assert Path(run.summary["paths"]["rejects"]).read_text().splitlines() == ["path\tline\treason\traw"], \
         "the slices are clean, so the task sizes the schedule saw are the rows written"
-    assert set(run.summary["best_dev"]) == set(run.cfg.tasks)
+    assert set(run.summary["best_dev"]) == {t for t, task in run.cfg.tasks.items() if task.dev}
 
 
 @every_job
@@ -289,7 +314,8 @@ def test_the_yaml_task_trains_beside_builtins_and_predicts_one_row_per_input_row
 def torchjd_weights(weighting: str, gram: np.ndarray) -> np.ndarray:
     from torchjd import aggregation
 
-    weights = {"upgrad": aggregation.UPGradWeighting, "mgda": aggregation.MGDAWeighting}[weighting]()
+    weights = {"upgrad": aggregation.UPGradWeighting, "mgda": aggregation.MGDAWeighting,
+               "pcgrad": aggregation.PCGradWeighting}[weighting]()
     return weights(torch.from_numpy(gram)).numpy()
 
 
@@ -321,3 +347,20 @@ def test_summed_runs_compute_no_gram_matrix(runs, name):
     run = runs(name)
     assert run.cfg.surgery.mode == "sum"
     assert [tag for tag in run.scalars if tag.startswith("surgery/")] == []
+
+
+# -- a corpus in the mixture ---------------------------------------------------------------------------------------
+
+def test_a_contrastive_corpus_is_drawn_beside_tasks_and_its_gradient_joins_the_gram_matrix(runs):
+    """Its capped size is what annealing weighs (sampling/<task>_p above: N = size_cap, not its 120 lines); when
+    drawn, it has a loss, a gradient norm and cosines with the other drawn task, like any task."""
+    run = runs(CORPUS_JOB)
+    corpus = run.cfg.tasks["corpus"]
+    assert corpus.kind == "contrastive" and corpus.size_cap == TRAIN_ROWS["corpus"] < NUM_CORPUS_LINES
+    plan = expected_plan(run.cfg)
+    with_corpus = [step for step, p in plan.items() if "corpus" in p]
+    assert 0 < len(with_corpus) < len(plan)
+    for step in with_corpus:
+        assert run.scalars["surgery/grad_norm/corpus"][step] > 0
+        assert run.scalars["loss/corpus"][step] > 0
+    assert "corpus" not in run.summary["best_dev"] and not any("corpus" in key for key in run.summary["paths"]["predictions"])

@@ -76,7 +76,7 @@ def test_wrong_type_names_the_key(override, message):
 @pytest.mark.parametrize("override,key,allowed", [
     ("deepspeed.precision=fp16", "deepspeed.precision", "'auto', 'fp32', 'bf16'"),
     ("model.pooling=max", "model.pooling", "'cls', 'pooler', 'mean'"),
-    ("tasks.sts.kind=regression", "tasks.sts.kind", "'classification', 'pair_classification', 'pair_regression'"),
+    ("tasks.sts.kind=regression", "tasks.sts.kind", "'classification', 'pair_classification', 'pair_regression', 'contrastive'"),
 ])
 def test_bad_literal_lists_the_allowed_values(override, key, allowed):
     with pytest.raises(ConfigError) as err:

@@ -39,7 +39,9 @@ class MultitaskData:
             name: TaskStream(splits.sources["train"], task_seed(cfg.train.seed, name), ctx.world_size, ctx.rank,
                              length_group_rows=cfg.data.length_group_rows)
             for name, splits in self.inputs.items()}
-        self.sizes = {name: len(s.source) for name, s in self.streams.items()}
+        # What the schedule counts: a contrastive task's corpus up to its size_cap.
+        self.sizes = {name: min(len(s.source), cfg.tasks[name].size_cap or len(s.source))
+                      for name, s in self.streams.items()}
         self.batch_sizes = {name: task.batch_size for name, task in cfg.tasks.items()}
         self.epoch_steps = [steps_in_epoch(cfg.schedule, epoch, self.sizes, self.batch_sizes, cfg.train.epochs)
                             for epoch in range(cfg.train.epochs)]

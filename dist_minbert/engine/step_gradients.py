@@ -167,7 +167,7 @@ class SurgeryGradients:
     def run(self, micro_batches: list[dict[str, Batch]], loss_of: LossOf, weights: dict[str, float],
             step: int) -> StepOutcome:
         """`micro_batches`: list of {task: batch}, the same tasks on every rank; returns the mean loss per task."""
-        local_counts = torch.tensor([sum(len(b[task]["labels"]) for b in micro_batches if task in b)
+        local_counts = torch.tensor([sum(_num_rows(b[task]) for b in micro_batches if task in b)
                                      for task in self.tasks], dtype=torch.int64)
         reduction = TaskReduction(local_counts, self.num_shared, self.cfg, self.comm, dtype=self.dtype,
                                   device=self.device, gather_update=self.own_reduction, rows=self._rows())
@@ -176,7 +176,7 @@ class SurgeryGradients:
         losses: dict[str, float] = {}
         for i, batches in enumerate(micro_batches):
             for task, batch in batches.items():
-                t, n = self.tasks.index(task), len(batch["labels"])
+                t, n = self.tasks.index(task), _num_rows(batch)
                 if t not in reduction.present:
                     continue
                 first = i == min(j for j, b in enumerate(micro_batches) if task in b)
@@ -348,6 +348,11 @@ def _accumulate(head_grads: dict[str, list[torch.Tensor]], task: str, grads: lis
     else:
         for acc, g in zip(previous, grads):
             acc.add_(g)
+
+
+def _num_rows(batch: Batch) -> int:
+    """Rows of a task's batch (a contrastive task's has no labels)."""
+    return len(next(iter(batch.values())))
 
 
 def _dense(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:

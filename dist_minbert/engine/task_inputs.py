@@ -38,9 +38,10 @@ def shards_root(data: DataConfig, output_dir: str) -> str:
 def load_task_splits(tasks: dict[str, TaskConfig], data: DataConfig, tokenizer: WordPieceTokenizer,
                      max_length: int, output_dir: str, is_main: bool, barrier: Callable[[], None],
                      splits: tuple[str, ...] = SPLITS) -> dict[str, TaskSplits]:
-    """Prepare (rank 0) and open (every rank) every split file the tasks name; a task needs a train file."""
+    """Prepare (rank 0) and open (every rank) every split file the tasks name; a task needs a train file.
+    A contrastive task's train split is its corpus's shards, prepared beforehand (`prepare --corpus`)."""
     for name, task in tasks.items():
-        if not task.train:
+        if not task.train and task.kind != "contrastive":
             raise ValueError(f"tasks.{name}.train: no training file given")
     root = shards_root(data, output_dir)
     if is_main:
@@ -49,6 +50,8 @@ def load_task_splits(tasks: dict[str, TaskConfig], data: DataConfig, tokenizer: 
     loaded = {}
     for name, task in tasks.items():
         out = TaskSplits()
+        if task.kind == "contrastive":
+            out.sources["train"] = open_source(task.corpus)
         for split in splits:
             if getattr(task, split):
                 url = task_shards_url(root, name, split)

@@ -96,7 +96,7 @@ class Trainer:
         return self.data.reader()(position)
 
     def loss(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model.loss(task, self.model(task, batch), batch["labels"])
+        return self.model.loss(task, self.model(task, batch), batch.get("labels"))
 
     def train_step(self, step: StepBatches) -> dict[str, float]:
         """One optimizer step on this rank's batches; returns this rank's mean loss per task ({} if skipped)."""

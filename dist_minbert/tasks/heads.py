@@ -100,4 +100,5 @@ HEADS: dict[str, Callable[[TaskConfig, int, float], nn.Module]] = {
     "cross": _projection,
     "bi_mlp": _bi_mlp,
     "bi_cosine": _bi_cosine,
+    "none": lambda task, hidden_size, dropout: nn.Identity(),  # a contrastive task compares embeddings as they are
 }

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dist_minbert.contrastive.loss import simcse_loss
 from dist_minbert.model.bert import BertEncoder
 from dist_minbert.tasks.config import TaskConfig, encoding_for, objective_for
 from dist_minbert.tasks.heads import HEADS
@@ -34,16 +36,24 @@ class MultitaskModel(nn.Module):
         return POOLINGS[self.pooling](output, mask)  # (B, H)
 
     def forward(self, task: str, batch: dict[str, Tensor]) -> Tensor:
-        """Raw outputs: (B, C) logits for CE, (B,) for a BCE logit or a regression score."""
+        """Raw outputs: (B, C) logits for CE, (B,) for a BCE logit or a regression score; for a contrastive task
+        (2B, H), the embeddings of the batch encoded twice in one pass (independent dropout masks: two views)."""
         head = self.heads[task]
+        if self.tasks[task].kind == "contrastive":
+            return head(self._pooled({key: torch.cat([value, value]) for key, value in batch.items()}))
         if encoding_for(self.tasks[task]) == "bi":
             # Two encoder passes: each text is padded only to its own longest row.
             return head(self._pooled(batch, "a_"), self._pooled(batch, "b_"))
         return head(self._pooled(batch))
 
-    def loss(self, task: str, outputs: Tensor, labels: Tensor) -> Tensor:
-        """Mean loss over the batch, unweighted: the caller applies TaskConfig.weight."""
-        return _LOSSES[objective_for(self.tasks[task])](outputs, labels)
+    def loss(self, task: str, outputs: Tensor, labels: Tensor | None) -> Tensor:
+        """Mean loss over the batch, unweighted: the caller applies TaskConfig.weight. A contrastive task's is
+        SimCSE's loss (3) against every rank's views (a collective: every rank computes it in the same step)."""
+        config = self.tasks[task]
+        if config.kind == "contrastive":
+            first, second = outputs.chunk(2)  # (B, H) each: the two views
+            return simcse_loss(first, second, config.temperature)
+        return _LOSSES[objective_for(config)](outputs, labels)
 
     def predict(self, task: str, outputs: Tensor) -> Tensor:
         """Outputs → label space: class index (int64), or the score clipped to label_range."""

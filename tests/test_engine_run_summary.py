@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 
 from dist_minbert.engine.dist_context import DistContext
 from dist_minbert.engine.run_checkpoint import RunState
@@ -38,3 +39,14 @@ def test_the_final_checkpoint_is_best_else_the_latest(tmp_path):
     assert checkpoints.final_path().name == "step-00000004"  # no evaluation was best: the newest
     checkpointing.point_best(tmp_path / checkpointing.CHECKPOINTS_DIR, folder.parent / "step-00000002")
     assert checkpoints.final_path() == tmp_path / checkpointing.CHECKPOINTS_DIR / checkpointing.BEST
+
+
+def test_fault_injection_on_a_rank_that_does_not_exist_is_refused():
+    import pytest
+
+    from dist_minbert.engine.config import CheckpointConfig
+    from dist_minbert.engine.run_checkpoint import RunCheckpointer
+
+    with pytest.raises(ValueError, match="checkpoint.kill_rank: 1 is not a rank of the 1 workers; allowed: 0 to 0"):
+        RunCheckpointer(None, Path("/nonexistent"), CheckpointConfig(kill_at_step=3, kill_rank=1),
+                        DistContext.single(), lambda path: None)

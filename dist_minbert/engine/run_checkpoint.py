@@ -38,6 +38,9 @@ class RunCheckpointer:
                  on_saved: Callable[[], None] = lambda: None) -> None:
         """`save_run_config(path)` writes the resolved config, which each checkpoint keeps (rank 0); `on_saved`
         runs after each save (flushing the logged history, as durable as the state it leads to)."""
+        if cfg.kill_at_step and not cfg.kill_rank < ctx.world_size:
+            raise ValueError(f"checkpoint.kill_rank: {cfg.kill_rank} is not a rank of the {ctx.world_size} "
+                             f"workers; allowed: 0 to {ctx.world_size - 1}")
         self.engine, self.cfg, self.ctx = engine, cfg, ctx
         self.folder = output_dir / checkpointing.CHECKPOINTS_DIR
         self.save_run_config, self.report, self.on_saved = save_run_config, report, on_saved

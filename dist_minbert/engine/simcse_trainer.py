@@ -87,9 +87,6 @@ class SimCSETrainer:
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
-        if cfg.checkpoint.kill_at_step and not cfg.checkpoint.kill_rank < ctx.world_size:
-            raise ValueError(f"checkpoint.kill_rank: {cfg.checkpoint.kill_rank} is not a rank of the {ctx.world_size} "
-                             f"workers; allowed: 0 to {ctx.world_size - 1}")
         self.checkpoints = RunCheckpointer(self.engine, self.out, cfg.checkpoint, ctx,
                                            lambda path: save_config(cfg, path), report, self.logger.flush)
         self.state = self.checkpoints.resume({CORPUS: self.stream}, cfg.train.seed, cfg.deepspeed.zero_stage,

@@ -197,6 +197,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             connect("")
         with tempfile.TemporaryDirectory() as work_dir:
             report = run_data_benchmark(work_dir, num_lines=args.lines, prepare_engine=args.engine)
+    elif args.what == "simcse":
+        from dist_minbert.bench.simcse import SimCSEBenchConfig, run_simcse_benchmark
+
+        report = run_simcse_benchmark(SimCSEBenchConfig(num_lines=args.lines))
     else:
         from launch.bench_pcgrad import run_pcgrad_benchmark
 
@@ -259,9 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.set_defaults(func=cmd_corpus)
 
     bench = sub.add_parser("bench", help="benchmarks: figures measured side by side, as one JSON object")
-    bench.add_argument("what", choices=["data", "pcgrad"])
+    bench.add_argument("what", choices=["data", "pcgrad", "simcse"])
     bench.add_argument("--json", action="store_true", help="one line of JSON")
-    bench.add_argument("--lines", type=int, default=1_000_000, help="bench data: corpus lines to generate")
+    bench.add_argument("--lines", type=int, default=1_000_000, help="bench data|simcse: corpus lines to generate")
     bench.add_argument("--engine", choices=["local", "ray"], default="local", help="bench data: the prepare engine")
     bench.add_argument("--verbose", action="store_true", help="bench pcgrad: also Ray's and DeepSpeed's log lines")
     bench.set_defaults(func=cmd_bench)

@@ -299,9 +299,15 @@ def test_bert_config_rejects_unsupported_architectures(overrides, field):
         ({"dropout": -0.1}, "dropout"),
         ({"dropout": 1.0}, "dropout"),
         ({"max_length": 2}, "max_length"),
-        ({"pooling": "max"}, "pooling"),
     ],
 )
 def test_model_config_rejects_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}: .*allowed: "):
         ModelConfig(**kwargs)
+
+
+def test_an_unknown_pooling_is_refused_by_the_loader_naming_the_key():
+    from dist_minbert.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="model.pooling.*allowed: 'cls', 'pooler', 'mean'"):
+        load_config(None, ["model.pooling=max"])

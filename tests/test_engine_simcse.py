@@ -119,3 +119,27 @@ def test_a_simcse_run_exports_as_a_sentence_encoder_and_has_no_heads_to_evaluate
 
     assert main(["evaluate", run]) == 2
     assert "a SimCSE run has no task heads" in capsys.readouterr().err
+
+
+def test_grad_cache_under_deepspeed_takes_the_uncached_steps(ray_session, tiny_checkpoint, corpus_shards,
+                                                               shared_data, tmp_path):
+    """The job with simcse.chunk_size (4 rows of each worker's 16-row doubled batch per forward) against the
+    same job without: GradCache's parameter gradients reach DeepSpeed through the hand-over, and after one
+    plain-SGD step (the update is lr × the gradient; Adam, or more steps, would blow rounding up) the encoders
+    agree. Dropout 0
+    here: with dropout, chunks draw other masks than one forward does."""
+    from launch.ray_run import run_simcse
+
+    ends = {}
+    for chunk in (0, 4):
+        out = tmp_path / f"chunk{chunk}"
+        run_simcse(_config(tiny_checkpoint, corpus_shards, shared_data, out, "train.max_steps=1", "model.dropout=0.0",
+                           "optim.name=sgd", "optim.lr=0.1",
+                           f"simcse.chunk_size={chunk}", "simcse.eval_every_steps=0", "observe.tensorboard=false"))
+        ends[chunk] = _encoder_weights(out / "encoder")
+    start = _encoder_weights(Path(tiny_checkpoint))
+    change = float((ends[0] - start).norm())
+    assert change > 0
+    # The gradients agree to ~1e-6 (tests/test_contrastive_grad_cache.py); the fp32 weights they update round
+    # each changed entry to its own ulp, which on an update this small is ~2e-5 of it. A wrong cache is off by O(1).
+    assert float((ends[4] - ends[0]).norm()) <= 1e-4 * change

@@ -10,7 +10,8 @@ from dist_minbert.engine.step_policy import DevHistory, StepActions, step_action
 from dist_minbert.observe.config import ObserveConfig
 
 
-def _run(epoch_steps: list[int], total_steps: int | None = None, log_every: int = 10, **kwargs) -> list[tuple]:
+def _run(epoch_steps: list[int], total_steps: int | None = None, log_every: int = 10, evaluate_every: int = 0,
+         **kwargs) -> list[tuple]:
     """Every step's actions over a run: (global step, epoch, step in epoch, actions)."""
     checkpoint = CheckpointConfig(every_steps=kwargs.pop("every_steps", 0))
     train = TrainConfig(epochs=len(epoch_steps), **kwargs)
@@ -22,7 +23,8 @@ def _run(epoch_steps: list[int], total_steps: int | None = None, log_every: int 
             if global_step > total:
                 return out
             out.append((global_step, epoch, step, step_actions(global_step, epoch, step, epoch_steps, total, train,
-                                                                checkpoint, ObserveConfig(log_every=log_every))))
+                                                                checkpoint, ObserveConfig(log_every=log_every),
+                                                                evaluate_every)))
     return out
 
 
@@ -57,6 +59,12 @@ def test_periodic_checkpoints_add_to_the_epoch_ends(every_steps, expected):
 @pytest.mark.parametrize("log_every, expected", [(3, [3, 6, 7]), (10, [7]), (1, list(range(1, 8)))])
 def test_logs_every_log_every_steps_and_at_the_last_step(log_every, expected):
     assert _steps_where(_run([7], log_every=log_every), "log") == expected
+
+
+def test_evaluating_every_n_steps_adds_to_the_epoch_ends_and_checkpoints_each_evaluation():
+    run = _run([5, 5], evaluate_every=3, eval_every_epoch=False)
+    assert _steps_where(run, "evaluate") == [3, 6, 9, 10]
+    assert _steps_where(run, "checkpoint") == [3, 5, 6, 9, 10]
 
 
 def test_a_middle_step_does_nothing():

@@ -543,7 +543,6 @@ def _compare_worker(rank: int, world_size: int, store: str, raw: dict, corpus: s
         _start_process(raw)
         os.environ["HF_HUB_OFFLINE"] = "1"
         import numpy as np
-        import torch
 
         from dist_minbert.data.corpus import task_corpus
 

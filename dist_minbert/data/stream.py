@@ -120,6 +120,11 @@ class TaskStream:
         self._orders = {}
 
 
+def samples_seen(state: dict[str, int]) -> int:
+    """Global samples a stream has handed out since its first epoch began, from its state alone."""
+    return state["epoch"] * state["num_rows"] + state["consumed"]
+
+
 def eval_shard(num_rows: int, world_size: int, rank: int) -> range:
     """The contiguous rows rank evaluates; concatenating the ranges of ranks 0..N-1 gives 0..num_rows-1 once.
 

@@ -26,7 +26,7 @@ from dist_minbert.data.collate import collator
 from dist_minbert.data.prefetch import Prefetcher
 from dist_minbert.data.shards import open_source
 from dist_minbert.data.step_reader import Position, StepReader, step_positions
-from dist_minbert.data.stream import TaskStream
+from dist_minbert.data.stream import TaskStream, samples_seen
 from dist_minbert.engine import checkpointing
 from dist_minbert.engine.deepspeed_engine import build_engine
 from dist_minbert.engine.dist_context import DistContext
@@ -150,20 +150,19 @@ class SimCSETrainer:
                 window.add(losses, step_samples, step_s)
                 bar.update(1)
                 epoch, step_in_epoch = step.position
+                # SimCSE converges within an epoch: evaluation (and `best`) every N steps, besides the epoch ends.
                 actions = step_actions(self.global_step, epoch, step_in_epoch, self.epoch_steps, self.total_steps,
-                                       cfg.train, cfg.checkpoint, cfg.observe)
+                                       cfg.train, cfg.checkpoint, cfg.observe, evaluate_every=every)
                 if actions.log:
                     self._log_train(epoch, window.drain())
                 checkpointing.inject_fault(cfg.checkpoint, self.global_step, self.ctx.rank, self.out)
-                # SimCSE converges within an epoch: evaluation (and `best`) every N steps, besides the epoch ends.
-                evaluate = actions.evaluate or bool(every and self.global_step % every == 0)
                 metrics, is_best = {"epoch": epoch, "step": self.global_step}, False
-                if evaluate:
+                if actions.evaluate:
                     figures = self.evaluate()
                     is_best = history.record({"sts": figures}, figures["spearman"],
                                              checkpointing.step_tag(self.global_step))
                     metrics.update(score=figures["spearman"], dev={"sts": figures})
-                if evaluate or actions.checkpoint:
+                if actions.checkpoint:
                     self.checkpoints.save(self.state, is_best, metrics)
         bar.close()
         self.checkpoints.load_best_weights()
@@ -182,8 +181,7 @@ class SimCSETrainer:
 
     def _log_train(self, epoch: int, window: dict[str, float]) -> None:
         values = {**window, **self.timers.drain(), "lr": self.engine.get_lr()[0], "epoch": epoch,
-                  "samples_seen/corpus": (lambda s: s["epoch"] * s["num_rows"] + s["consumed"])(
-                      self.state.stream_states[CORPUS])}
+                  "samples_seen/corpus": samples_seen(self.state.stream_states[CORPUS])}
         self.logger.scalars(self.global_step, values)
         if self.ctx.is_main:
             log.info("step %d/%d epoch %d loss=%.4f %.1f sentences/s", self.global_step, self.total_steps, epoch,

@@ -71,8 +71,8 @@ def build_gradients(model: MultitaskModel, surgery: SurgeryConfig, deepspeed: De
 class SummedGradients:
     """Baseline: the gradient of Σ_t w_t L_t, accumulated over micro-batches, then one hand-over to DeepSpeed.
 
-    `.grad` of the parameters a step touched is the only gradient memory held across micro-batches:
-    each later micro-batch's gradients are added into it as they come out of autograd.
+    The first micro-batch's autograd outputs are the accumulators (one P-sized set, as .grad would be);
+    each later micro-batch's gradients are added into them, and the hand-over adopts them as .grad.
     """
 
     def __init__(self, engine, model: MultitaskModel) -> None:
@@ -96,13 +96,9 @@ class SummedGradients:
                     summed[i] = grad if summed[i] is None else summed[i].add_(grad)
             for task, loss in local.items():
                 losses[task] = losses.get(task, 0.0) + loss.item() / len(micro_batches)
-        touched = [i for i, g in enumerate(summed) if g is not None]  # heads of absent tasks stay untouched
-        grads = [summed[i] for i in touched]
-        del summed
-        norms = torch.stack(torch._foreach_norm(grads)).double().cpu()
-        if not all_finite(torch.cat([torch.tensor(list(losses.values()), dtype=torch.float64), norms])):
-            raise NonFiniteStep(f"non-finite loss or gradient: {_fmt(losses)}")
-        hand_over(self.engine, [self.parameters[i] for i in touched], grads)
+        # Heads of absent tasks stay untouched (AdamW would decay weights it is handed a zero gradient for).
+        _check_and_hand_over(self.engine, self.parameters, summed, list(losses.values()),
+                             f"non-finite loss or gradient: {_fmt(losses)}")
         return StepOutcome(losses, None)
 
 
@@ -118,13 +114,24 @@ class ContrastiveGradients:
         """One optimizer step on this rank's sentences; returns this rank's loss."""
         loss, grads = simcse_gradients(self.model, batch, self.parameters, temperature=self.cfg.temperature,
                                        negatives=self.cfg.negatives, chunk_size=self.cfg.chunk_size or None)
-        touched = [i for i, g in enumerate(grads) if g is not None]  # the pooler under mean pooling, say
-        grads = [grads[i] for i in touched]
-        norms = torch.stack(torch._foreach_norm(grads)).double().cpu()
-        if not all_finite(torch.cat([loss.detach().double().reshape(1).cpu(), norms])):
-            raise NonFiniteStep(f"non-finite contrastive loss or gradient: loss={float(loss):.4g}")
-        hand_over(self.engine, [self.parameters[i] for i in touched], grads)
+        # The loss never reaches some parameters (the pooler under mean pooling, say): they stay untouched.
+        _check_and_hand_over(self.engine, self.parameters, grads, [float(loss)],
+                             f"non-finite contrastive loss or gradient: loss={float(loss):.4g}")
         return float(loss)
+
+
+def _check_and_hand_over(engine, parameters: list[torch.Tensor], grads: list[torch.Tensor | None],
+                         losses: list[float], cause: str) -> None:
+    """Hand this rank's `grads` (None where the loss never reached a parameter) to DeepSpeed as the step's
+    gradient, unless a loss or gradient is NaN/inf on some rank (then NonFiniteStep(cause) on every rank).
+    `grads` is emptied: autograd adopts the tensors as .grad, no copy."""
+    touched = [i for i, g in enumerate(grads) if g is not None]
+    kept = [grads[i] for i in touched]
+    grads.clear()
+    norms = torch.stack(torch._foreach_norm(kept)).double().cpu()
+    if not all_finite(torch.cat([torch.tensor(losses, dtype=torch.float64), norms])):
+        raise NonFiniteStep(cause)
+    hand_over(engine, [parameters[i] for i in touched], kept)
 
 
 def hand_over(engine, parameters: list[torch.Tensor], grads: list[torch.Tensor]) -> None:

@@ -24,16 +24,18 @@ class StepActions:
 
 
 def step_actions(global_step: int, epoch: int, step_in_epoch: int, epoch_steps: list[int], total_steps: int,
-                 train: TrainConfig, checkpoint: CheckpointConfig, observe: ObserveConfig) -> StepActions:
+                 train: TrainConfig, checkpoint: CheckpointConfig, observe: ObserveConfig,
+                 evaluate_every: int = 0) -> StepActions:
     """After optimizer step `global_step` (1-based), which was step `step_in_epoch` (0-based) of `epoch`.
 
-    Evaluation at every epoch end (or only at the last one), and at the run's last step even when
-    max_steps cuts an epoch short; a checkpoint with every evaluation, at every epoch end and every
-    checkpoint.every_steps steps.
+    Evaluation at every epoch end (or only at the last one), at the run's last step even when max_steps
+    cuts an epoch short, and every `evaluate_every` steps (0 = off); a checkpoint with every evaluation,
+    at every epoch end and every checkpoint.every_steps steps.
     """
     last = global_step >= total_steps
     epoch_end = step_in_epoch == epoch_steps[epoch] - 1 or last
-    evaluate = epoch_end and (train.eval_every_epoch or epoch == train.epochs - 1 or last)
+    evaluate = (epoch_end and (train.eval_every_epoch or epoch == train.epochs - 1 or last)
+                or bool(evaluate_every) and global_step % evaluate_every == 0)
     periodic = bool(checkpoint.every_steps) and global_step % checkpoint.every_steps == 0
     return StepActions(log=global_step % observe.log_every == 0 or last, evaluate=evaluate,
                        checkpoint=evaluate or epoch_end or periodic)

@@ -18,6 +18,7 @@ import torch
 from dist_minbert.config import RunConfig, save_config
 from dist_minbert.data.prefetch import Prefetcher
 from dist_minbert.data.step_reader import StepBatches
+from dist_minbert.data.stream import samples_seen
 from dist_minbert.engine import checkpointing
 from dist_minbert.engine.dist_context import DistContext
 from dist_minbert.engine.evaluation import Evaluator, Metrics, SplitPredictions
@@ -184,8 +185,7 @@ class Trainer:
     def _log_train(self, epoch: int, window: dict[str, float]) -> None:
         values = {**window, **self.timers.drain(), "lr": self.engine.get_lr()[0], "epoch": epoch,
                   **{f"sampling/{t}_p": p for t, p in self.data.probabilities(epoch).items()},
-                  **{f"samples_seen/{t}": s["epoch"] * s["num_rows"] + s["consumed"]
-                     for t, s in self.state.stream_states.items()},
+                  **{f"samples_seen/{t}": samples_seen(s) for t, s in self.state.stream_states.items()},
                   **{f"truncated_rows/{t}": n for t, n in self.num_truncated.items()}}
         self.logger.scalars(self.global_step, values)
         if self.ctx.is_main:

@@ -1,4 +1,4 @@
-"""`dist-minbert train|simcse|evaluate|predict|export|prepare|corpus|bench` — the user's entry points."""
+"""`dist-minbert train|simcse|evaluate|predict|export|prepare|corpus|scale|bench` — the user's entry points."""
 from __future__ import annotations
 
 import argparse
@@ -46,10 +46,10 @@ def cmd_simcse(args: argparse.Namespace) -> int:
 
 
 def _with_resume(overrides: list[str], resume: str | None) -> list[str]:
-    """--resume as the checkpoint.resume override: "latest", or the path made absolute (workers run elsewhere)."""
+    """--resume as the checkpoint.resume override: "latest", a URL, or the path made absolute (workers run elsewhere)."""
     if not resume:
         return list(overrides)
-    resume = resume if resume == "latest" else str(Path(resume).resolve())
+    resume = resume if resume == "latest" or "://" in resume else str(Path(resume).resolve())
     return [*overrides, f"checkpoint.resume={json.dumps(resume)}"]  # quoted: any path stays one YAML string
 
 
@@ -210,6 +210,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scale(args: argparse.Namespace) -> int:
+    """The config at each worker count: throughput, step-time split and efficiency; optionally projected further."""
+    import time
+
+    from dist_minbert.bench.scaling_model import Network
+    from launch.scale import Projection, run_scale
+
+    _set_verbose(args.verbose)
+    projection = None
+    if args.project:
+        projection = Projection(_counts(args.project_workers, "--project-workers"), args.model_size,
+                                Network(args.bandwidth_gb_s, args.latency_us))
+    out = args.out or f"runs/scale/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    result = run_scale(args.config, args.overrides, _counts(args.workers, "--workers"), out, args.steps,
+                       args.warmup_steps, projection)
+    print(f"\n== dist-minbert scale ({result['steps']} steps, medians after {result['warmup_steps']}) ==")
+    print(f"{'kind':10s} {'workers':>7s} {'samples/s':>10s} {'efficiency':>10s} {'step s':>8s} {'comm s':>8s}")
+    for row in result["rows"]:
+        comm = row.get("communication_s")
+        print(f"{row['kind']:10s} {row['workers']:7d} {row['samples_per_s']:10.1f} {row['efficiency']:10.3f} "
+              f"{row['step_s']:8.3f} {'' if comm is None else f'{comm:8.3f}'}")
+    for name, path in result["paths"].items():
+        if name != "runs":
+            print(f"{name:12s} {path}")
+    return 0
+
+
+def _counts(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag}: {text!r}; allowed: comma-separated worker counts, e.g. 1,2,4") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-minbert", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -232,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     simcse.set_defaults(func=cmd_simcse)
 
     evaluate = sub.add_parser("evaluate", help="dev metrics of a checkpoint on CS224N-format files")
-    evaluate.add_argument("checkpoint", help="run folder, its checkpoints/ folder, or a tag folder")
+    evaluate.add_argument("checkpoint", help="run folder, its checkpoints/ folder, or a tag folder (a path or URL)")
     evaluate.add_argument("files", nargs="*", help="TASK=FILE (labelled); default: the run's dev files")
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -261,6 +295,25 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("--config", help="YAML file for data.root and the task files (default: the builtin ones)")
     corpus.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.root=s3://bucket/cs224n")
     corpus.set_defaults(func=cmd_corpus)
+
+    scale = sub.add_parser("scale", help="the same config at each worker count (global batch fixed): samples/s, "
+                                          "step-time split, efficiency → CSV, plot, TensorBoard; --project: further")
+    scale.add_argument("--config", required=True, help="YAML file in configs/")
+    scale.add_argument("--workers", default="1,2", help="worker counts, 1 CPU and 1 thread each (default 1,2)")
+    scale.add_argument("--steps", type=int, default=20, help="optimizer steps of each run (default 20)")
+    scale.add_argument("--warmup-steps", type=int, default=1, help="first steps left out of the medians (default 1)")
+    scale.add_argument("--out", help="output folder, new or empty (default runs/scale/<config>-<time>)")
+    scale.add_argument("--project", action="store_true", help="add the multi-node projection (a ring all-reduce "
+                                                              "model, labelled as a projection)")
+    scale.add_argument("--project-workers", default="8,16,32", help="--project: worker counts (default 8,16,32)")
+    scale.add_argument("--model-size", default="", help="--project: bert-base, bert-large or a checkpoint "
+                                                        "(default: the config's model.checkpoint)")
+    scale.add_argument("--bandwidth-gb-s", type=float, default=20.0, help="--project: ring bus bandwidth per "
+                                                                          "worker, GB/s (default 20)")
+    scale.add_argument("--latency-us", type=float, default=15.0, help="--project: per ring hop, µs (default 15)")
+    scale.add_argument("--verbose", action="store_true", help="as for train")
+    scale.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. tasks.sst.batch_size=64")
+    scale.set_defaults(func=cmd_scale)
 
     bench = sub.add_parser("bench", help="benchmarks: figures measured side by side, as one JSON object")
     bench.add_argument("what", choices=["data", "pcgrad", "simcse"])

@@ -21,7 +21,9 @@ import yaml
 
 from dist_minbert.bench import scale_report
 from dist_minbert.bench.scaling_model import Network, comm_s, encoder_size, plan_collectives, plan_units, project
+from dist_minbert.cli import main
 from dist_minbert.surgery.comm import CommCounter
+from tests.ray_workers import write_slice
 
 NETWORK = Network(bandwidth_gb_s=20.0, latency_us=15.0)
 P = 100_000_000
@@ -118,11 +120,8 @@ def test_csv_plot_and_tensorboard_writers(tmp_path):
 # -- end to end ------------------------------------------------------------------------------------------------------
 @pytest.mark.distributed
 def test_scale_on_1_and_2_workers(ray_session, tiny_checkpoint, shared_data, tmp_path):
-    """`dist-minbert scale --workers 1,2 --steps 3`: a run per size (same global batches), the CSV's rows, a PNG,
+    """`dist-minbert scale --workers 1,2 --steps 2`: a run per size (same global batches), the CSV's rows, a PNG,
     TensorBoard runs per size and the summary run, the projection labelled."""
-    from dist_minbert.cli import main
-    from tests.ray_workers import write_slice
-
     data = tmp_path / "data"
     data.mkdir()
     for name in ("ids-sst-train.csv", "ids-sst-dev.csv", "quora-train.csv", "quora-dev.csv", "sts-train.csv",
@@ -136,7 +135,7 @@ def test_scale_on_1_and_2_workers(ray_session, tiny_checkpoint, shared_data, tmp
               "train": {"output_dir": str(tmp_path / "unused"), "predict_splits": ["dev"]}}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "scale"
-    assert main(["scale", "--config", str(tmp_path / "job.yaml"), "--workers", "1,2", "--steps", "3", "--out", str(out),
+    assert main(["scale", "--config", str(tmp_path / "job.yaml"), "--workers", "1,2", "--steps", "2", "--out", str(out),
                  "--project", "--model-size", "bert-base", "--project-workers", "4,8"]) == 0
 
     with open(out / "scaling.csv", newline="") as f:
@@ -152,7 +151,7 @@ def test_scale_on_1_and_2_workers(ray_session, tiny_checkpoint, shared_data, tmp
     assert all(int(r["num_params"]) == 109_482_240 for r in table[2:])  # bert-base, as asked
     for n in (1, 2):
         summary = json.loads((out / f"workers-{n}" / "summary.json").read_text())
-        assert summary["num_workers"] == n and summary["steps"] == 3 and summary["samples"] == 3 * 24
+        assert summary["num_workers"] == n and summary["steps"] == 2 and summary["samples"] == 2 * 24
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = {p.name: scale_report.read_scalars(p) for p in (out / "tensorboard").iterdir()}
     assert sorted(runs) == ["summary", "workers-1", "workers-2"]

@@ -95,6 +95,7 @@ def plot(rows: list[dict], path: str | Path, projection_label: str = "") -> None
     eff_ax.set(xlabel="workers", ylabel="rate_n / (n · rate_1)", title="scaling efficiency", xscale="log", ylim=(0, 1.1))
     for ax in (rate_ax, eff_ax):
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the worker counts are labelled
         ax.set_xticks(sorted({r["workers"] for r in rows}))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

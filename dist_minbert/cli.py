@@ -201,6 +201,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from dist_minbert.bench.simcse import SimCSEBenchConfig, run_simcse_benchmark
 
         report = run_simcse_benchmark(SimCSEBenchConfig(num_lines=args.lines))
+    elif args.what == "scaling":
+        from launch.bench_scaling import run_scaling_benchmark
+
+        _set_verbose(args.verbose)
+        report = run_scaling_benchmark()
     else:
         from launch.bench_pcgrad import run_pcgrad_benchmark
 
@@ -316,11 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     scale.set_defaults(func=cmd_scale)
 
     bench = sub.add_parser("bench", help="benchmarks: figures measured side by side, as one JSON object")
-    bench.add_argument("what", choices=["data", "pcgrad", "simcse"])
+    bench.add_argument("what", choices=["data", "pcgrad", "simcse", "scaling"])
     bench.add_argument("--json", action="store_true", help="one line of JSON")
     bench.add_argument("--lines", type=int, default=1_000_000, help="bench data|simcse: corpus lines to generate")
     bench.add_argument("--engine", choices=["local", "ray"], default="local", help="bench data: the prepare engine")
-    bench.add_argument("--verbose", action="store_true", help="bench pcgrad: also Ray's and DeepSpeed's log lines")
+    bench.add_argument("--verbose", action="store_true", help="bench pcgrad|scaling: also Ray's and DeepSpeed's "
+                                                             "log lines")
     bench.set_defaults(func=cmd_bench)
 
     export = sub.add_parser("export", help="write a Hugging Face BERT folder (AutoModel.from_pretrained loads it) "

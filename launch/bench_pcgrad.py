@@ -61,12 +61,15 @@ def _task_files(config: PCGradBenchConfig, folder: Path) -> str:
     return str(folder)
 
 
-def _run_group(config: PCGradBenchConfig, data_root: str, scratch: Path, num_workers: int) -> dict:
+def _run_group(config: PCGradBenchConfig, data_root: str, scratch: Path, num_workers: int,
+               worker_fn=bench_worker, name: str = "bench-pcgrad") -> dict:
+    """`worker_fn` (bench_worker, or another benchmark's worker on the same runs) on num_workers Ray Train workers;
+    the JSON its rank 0 wrote."""
     threads = config.threads_per_worker
     connect("", num_cpus=2 * threads)  # a new local instance: room for the 2-worker group, nothing more
-    result_path = scratch / f"result-{num_workers}w.json"
+    result_path = scratch / f"{name}-result-{num_workers}w.json"
     loop_config = {"bench": asdict(config), "data_root": data_root, "scratch": str(scratch),
                    "num_workers": num_workers, "result_path": str(result_path)}
     workers = WorkersConfig(num_workers=num_workers, cpus_per_worker=threads, threads_per_worker=threads)
-    fit_on_workers(bench_worker, loop_config, workers, str(scratch / "ray"), name=f"bench-pcgrad-{num_workers}w")
+    fit_on_workers(worker_fn, loop_config, workers, str(scratch / "ray"), name=f"{name}-{num_workers}w")
     return json.loads(result_path.read_text())

@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch on machines without CUDA; a GPU node keeps its CUDA build.
 TORCH_PIN := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 
-.PHONY: install demo test clean
+.PHONY: install demo test gpu-check clean
 
 install: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=20 tests
+
+# bf16 at ZeRO 0/1/2 against fp32 under exact PCGrad, on every visible GPU (NCCL); exits 2 without CUDA.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -60,7 +60,8 @@ def run_scale(config_path: str, overrides: list[str], worker_counts: list[int], 
     result = {"rows": rows, "projection": projected, "steps": steps, "warmup_steps": warmup_steps,
               "measured_s": time.perf_counter() - started,
               "paths": {"csv": str(out / "scaling.csv"), "plot": str(out / "scaling.png"),
-                        "tensorboard": str(out / "tensorboard"), "runs": [str(c.train.output_dir) for c in configs.values()]}}
+                        "tensorboard": str(out / "tensorboard"),
+                        "runs": [str(c.train.output_dir) for c in configs.values()]}}
     scale_report.write_csv(rows, out / "scaling.csv")
     scale_report.plot(rows, out / "scaling.png", label)
     scale_report.write_tensorboard(rows, out / "tensorboard")

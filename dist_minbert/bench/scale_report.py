@@ -91,8 +91,10 @@ def plot(rows: list[dict], path: str | Path, projection_label: str = "") -> None
         workers = [r["workers"] for r in points]
         rate_ax.plot(workers, [r["samples_per_s"] for r in points], **style)
         eff_ax.plot(workers, [r["efficiency"] for r in points], **style)
-    rate_ax.set(xlabel="workers", ylabel="samples/s (global batch fixed)", title="throughput", xscale="log", yscale="log")
-    eff_ax.set(xlabel="workers", ylabel="rate_n / (n · rate_1)", title="scaling efficiency", xscale="log", ylim=(0, 1.1))
+    rate_ax.set(xlabel="workers", ylabel="samples/s (global batch fixed)", title="throughput", xscale="log",
+                yscale="log")
+    eff_ax.set(xlabel="workers", ylabel="rate_n / (n · rate_1)", title="scaling efficiency", xscale="log",
+               ylim=(0, 1.1))
     for ax in (rate_ax, eff_ax):
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the worker counts are labelled

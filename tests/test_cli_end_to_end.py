@@ -32,6 +32,7 @@ from dist_minbert.cli import main
 from dist_minbert.config import RunConfig, load_config
 from dist_minbert.data.schedule import steps_in_epoch, tasks_for_step
 from tests.ray_workers import write_slice
+from tests.test_observe_tensorboard import check_complete_run, logged_scalars
 
 pytestmark = pytest.mark.distributed
 
@@ -204,16 +205,6 @@ def expected_plan(cfg: RunConfig) -> dict[int, dict[str, int]]:
     return plan
 
 
-def logged_scalars(folder: str) -> dict[str, dict[int, float]]:
-    """tag → step → value of every scalar in a TensorBoard folder, read as TensorBoard reads it."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(folder, size_guidance={"scalars": 0})  # 0 = keep every event
-    accumulator.Reload()
-    return {tag: {event.step: event.value for event in accumulator.Scalars(tag)}
-            for tag in accumulator.Tags()["scalars"]}
-
-
 # -- the schedule, as logged ---------------------------------------------------------------------------------------
 
 @every_job
@@ -364,3 +355,32 @@ def test_a_contrastive_corpus_is_drawn_beside_tasks_and_its_gradient_joins_the_g
         assert run.scalars["surgery/grad_norm/corpus"][step] > 0
         assert run.scalars["loss/corpus"][step] > 0
     assert "corpus" not in run.summary["best_dev"] and not any("corpus" in key for key in run.summary["paths"]["predictions"])
+
+
+# -- TensorBoard, complete (the checks are tests/test_observe_tensorboard.py's) ------------------------------------
+
+def test_tensorboard_is_complete_under_exact_pcgrad(runs, tmp_path):
+    """The exact-PCGrad job's event files hold every tag a user compares runs by, with plausible values, and its
+    HParams row. Tokens by hand: with log_every=1 a window is one step, so tokens/s × time/step_s is the step's
+    non-pad tokens over both ranks; the union of the ranks' batches is the one-rank batch of the same position, so
+    counting it again on one rank (the same data, read in this process) gives the same number."""
+    from dist_minbert.engine.dist_context import DistContext
+    from dist_minbert.engine.multitask_data import MultitaskData
+    from dist_minbert.observe.loss_window import num_tokens
+
+    run = runs(CORPUS_JOB)
+    cfg = run.cfg
+    assert cfg.surgery.mode == "pcgrad" and cfg.model.max_length == 32
+    check_complete_run(run.scalars, run.summary, run.summary["paths"]["tensorboard"], num_workers=2,
+                       max_tokens_per_sample=2 * cfg.model.max_length,  # an STS pair is two sentences
+                       hparams={"surgery.mode": "pcgrad", "surgery.weighting": "pcgrad", "schedule.name": "annealed",
+                                "workers.num_workers": 2.0, "deepspeed.zero_stage": 0.0, "train.seed": 7.0,
+                                "steps": float(run.summary["steps"]), "tasks": "sst,sts,corpus",
+                                "tasks.sst.batch_size": 8.0, "model.pooling": cfg.model.pooling})
+    for step in run.scalars["time/step_s"]:  # 2 tasks each step: a Gram matrix, and its gradients exchanged
+        assert run.scalars["time/surgery_s"][step] > 0 and run.scalars["time/communication_s"][step] > 0
+    data = MultitaskData(cfg, DistContext.single(), tmp_path)
+    read = data.reader()
+    for step, position in enumerate(data.positions(), start=1):
+        logged = run.scalars["throughput/tokens_per_s"][step] * run.scalars["time/step_s"][step]
+        assert logged == pytest.approx(num_tokens(read(position).micro_batches), rel=1e-5), step

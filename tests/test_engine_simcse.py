@@ -74,6 +74,21 @@ def test_simcse_trains_evaluates_and_exports_an_encoder_for_train(uninterrupted,
     assert load_config(None, [f"model.checkpoint={encoder}"]).model.checkpoint == str(encoder)
 
 
+def test_simcse_writes_the_tags_runs_are_compared_by(uninterrupted):
+    """lr, samples and tokens per second, the step-time split, peak memory and the HParams row, as the multitask
+    job writes them (tests/test_observe_tensorboard.py); its own hparams are the SimCSE section's."""
+    from dist_minbert.config import load_simcse_config
+    from tests.test_observe_tensorboard import check_complete_run, logged_scalars
+
+    summary = uninterrupted
+    cfg = load_simcse_config(summary["paths"]["config"], [])
+    tensorboard = summary["paths"]["tensorboard"]
+    check_complete_run(logged_scalars(tensorboard), summary, tensorboard, num_workers=2,
+                       max_tokens_per_sample=cfg.model.max_length,
+                       hparams={"simcse.negatives": "global", "simcse.batch_size_per_worker": 8.0,
+                                "workers.num_workers": 2.0, "steps": float(STEPS), "optim.schedule": "constant"})
+
+
 def test_resumed_simcse_run_equals_the_uninterrupted_one(uninterrupted, tiny_checkpoint, corpus_shards,
                                                           shared_data, tmp_path):
     """Same workers, constant learning rate: 3 steps, a new launch resuming from `latest` for the other 3 —

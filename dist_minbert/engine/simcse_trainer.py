@@ -38,9 +38,11 @@ from dist_minbert.engine.step_policy import SkippedSteps, step_actions
 from dist_minbert.model.checkpoint import load_encoder
 from dist_minbert.model.export import export_hf
 from dist_minbert.model.tokenizer import WordPieceTokenizer
-from dist_minbert.observe.loss_window import LossWindow
+from dist_minbert.observe.loss_window import LossWindow, num_tokens
+from dist_minbert.observe.memory import memory_scalars
 from dist_minbert.observe.metrics_logger import MetricsLogger
 from dist_minbert.observe.progress import progress_bar
+from dist_minbert.observe.run_figures import hparam_metrics, run_figures, run_hparams
 from dist_minbert.observe.timers import StepTimers, timed_iter
 from dist_minbert.tasks.config import TaskConfig
 from dist_minbert.tasks.readers import read_task_file
@@ -78,10 +80,10 @@ class SimCSETrainer:
         self.engine = build_engine(model, cfg.deepspeed, cfg.optim, self.total_steps, cfg.workers.use_gpu,
                                    ctx.world_size)
         self.model: SentenceEncoder = self.engine.module
-        self.gradients = ContrastiveGradients(self.engine, self.model, cfg.simcse)
+        self.timers = StepTimers()
+        self.gradients = ContrastiveGradients(self.engine, self.model, cfg.simcse, self.timers)
         torch.manual_seed(cfg.train.seed + 1 + ctx.rank)  # distinct dropout masks per rank
         self.sts = _read_sts(Path(cfg.data.root) / cfg.simcse.sts_dev, cfg.data.on_bad_row)
-        self.timers = StepTimers()
         self.logger = MetricsLogger(str(self.out / "tensorboard") if ctx.is_main and cfg.observe.tensorboard else None)
         self.skipped_steps = SkippedSteps(cfg.train.max_nonfinite_steps, self.logger)
         if ctx.is_main:
@@ -105,8 +107,7 @@ class SimCSETrainer:
         self.state.stream_states = step.stream_states
         self.state.global_step += 1
         try:
-            with self.timers.phase("step"):
-                loss = self.gradients.run(batch)
+            loss = self.gradients.run(batch)
         except NonFiniteStep as exc:
             self.skipped_steps.skipped(self.global_step, exc)
             return None
@@ -135,7 +136,7 @@ class SimCSETrainer:
         cfg, history = self.cfg, self.state.dev_history
         if history.initial is None:
             history.initial = history.last = {"sts": self.evaluate()}
-        samples, train_s, window = 0, 0.0, LossWindow()
+        samples, train_s, window = 0, 0.0, LossWindow(self.ctx.device)
         every = cfg.simcse.eval_every_steps
         bar = progress_bar(self.total_steps, "simcse", enabled=self.ctx.is_main and cfg.observe.progress)
         bar.update(self.global_step)
@@ -144,10 +145,12 @@ class SimCSETrainer:
                 started = time.perf_counter()
                 loss = self.train_step(step)
                 step_s = waited_s + time.perf_counter() - started
+                self.timers.end_step(step_s)
                 losses = {} if loss is None else {"simcse": loss}
                 step_samples = self.global_batch if losses else 0
                 samples, train_s = samples + step_samples, train_s + step_s
-                window.add(losses, step_samples, step_s)
+                # Each sentence's tokens once, though the encoder reads it twice (its two dropout views).
+                window.add(losses, step_samples, num_tokens(step.micro_batches) if losses else 0, step_s)
                 bar.update(1)
                 epoch, step_in_epoch = step.position
                 # SimCSE converges within an epoch: evaluation (and `best`) every N steps, besides the epoch ends.
@@ -169,19 +172,28 @@ class SimCSETrainer:
         encoder_dir = self.out / ENCODER_DIR
         if self.ctx.is_main:
             export_hf(self.model.encoder, cfg.model.checkpoint, str(encoder_dir))
-        return self._summary(samples, train_s, encoder_dir)
+        return self._summary(samples, train_s, encoder_dir,
+                             run_figures(self.timers, window, train_s, self.ctx.device))
 
-    def _summary(self, samples: int, train_s: float, encoder_dir: Path) -> dict:
+    def _summary(self, samples: int, train_s: float, encoder_dir: Path, figures: dict) -> dict:
         summary = write_summary(self.out, self.ctx, self.state, samples, train_s, self.started,
                                 self.checkpoints.final_path(), {"encoder": str(encoder_dir), "predictions": {}},
                                 pooling=self.cfg.simcse.pooling,
-                                embedding_pooling=self.cfg.simcse.embedding_pooling())
+                                embedding_pooling=self.cfg.simcse.embedding_pooling(), **figures)
+        self.logger.hparams(self.global_step, self._hparams(), hparam_metrics(summary))
         self.logger.close()
         return summary
 
+    def _hparams(self) -> dict:
+        simcse = self.cfg.simcse
+        return run_hparams(self.cfg, self.total_steps, **{
+            "simcse.pooling": simcse.pooling, "simcse.temperature": simcse.temperature,
+            "simcse.negatives": simcse.negatives, "simcse.batch_size_per_worker": simcse.batch_size_per_worker,
+            "simcse.chunk_size": simcse.chunk_size, "simcse.corpus": simcse.corpus})
+
     def _log_train(self, epoch: int, window: dict[str, float]) -> None:
-        values = {**window, **self.timers.drain(), "lr": self.engine.get_lr()[0], "epoch": epoch,
-                  "samples_seen/corpus": samples_seen(self.state.stream_states[CORPUS])}
+        values = {**window, **self.timers.drain(), **memory_scalars(self.ctx.device), "lr": self.engine.get_lr()[0],
+                  "epoch": epoch,                   "samples_seen/corpus": samples_seen(self.state.stream_states[CORPUS])}
         self.logger.scalars(self.global_step, values)
         if self.ctx.is_main:
             log.info("step %d/%d epoch %d loss=%.4f %.1f sentences/s", self.global_step, self.total_steps, epoch,

@@ -26,6 +26,7 @@ from dist_minbert.contrastive.config import SimCSEConfig
 from dist_minbert.contrastive.grad_cache import simcse_gradients
 from dist_minbert.engine.config import DeepSpeedConfig, OptimConfig
 from dist_minbert.engine.deepspeed_engine import build_engine
+from dist_minbert.observe.timers import StepTimers
 from dist_minbert.surgery.comm import CommCounter
 from dist_minbert.surgery.config import SurgeryConfig
 from dist_minbert.surgery.distributed import TaskReduction, resolve_plan
@@ -41,11 +42,12 @@ class NonFiniteStep(RuntimeError):
     """A NaN or infinite loss or gradient on some rank: every rank skips the step together."""
 
 
-def all_finite(values: torch.Tensor) -> bool:
+def all_finite(values: torch.Tensor, timers: StepTimers) -> bool:
     """One all-reduced flag, so all ranks take the same decision in the same step."""
     bad = torch.tensor([0.0 if bool(torch.isfinite(values).all()) else 1.0], dtype=torch.float64)
     if dist.is_initialized():
-        dist.all_reduce(bad)
+        with timers.phase("communication"):
+            dist.all_reduce(bad)
     return bad.item() == 0.0
 
 
@@ -56,16 +58,17 @@ class StepOutcome:
 
 
 def build_gradients(model: MultitaskModel, surgery: SurgeryConfig, deepspeed: DeepSpeedConfig, optim: OptimConfig,
-                    total_steps: int, use_gpu: bool, world_size: int, seed: int,
-                    comm: CommCounter) -> SummedGradients | SurgeryGradients:
+                    total_steps: int, use_gpu: bool, world_size: int, seed: int, comm: CommCounter,
+                    timers: StepTimers) -> SummedGradients | SurgeryGradients:
     """The DeepSpeed engine around `model` and the strategy that feeds it (`.engine`), built together:
-    the strategy accumulates micro-batches itself, so DeepSpeed is built to accumulate nothing."""
+    the strategy accumulates micro-batches itself, so DeepSpeed is built to accumulate nothing. The strategy
+    times its phases of each step into `timers`."""
     engine = build_engine(model, deepspeed, optim, total_steps, use_gpu, world_size)
     # The hand-over's backward passes its gradient unscaled: DeepSpeed must not divide by accumulation steps.
     assert engine.gradient_accumulation_steps() == 1, "the gradient strategies accumulate micro-batches themselves"
     if surgery.mode == "sum":
-        return SummedGradients(engine, model)
-    return SurgeryGradients(engine, model, surgery, seed, comm)
+        return SummedGradients(engine, model, timers)
+    return SurgeryGradients(engine, model, surgery, seed, comm, timers)
 
 
 class SummedGradients:
@@ -75,8 +78,8 @@ class SummedGradients:
     each later micro-batch's gradients are added into them, and the hand-over adopts them as .grad.
     """
 
-    def __init__(self, engine, model: MultitaskModel) -> None:
-        self.engine, self.model = engine, model
+    def __init__(self, engine, model: MultitaskModel, timers: StepTimers) -> None:
+        self.engine, self.model, self.timers = engine, model, timers
         self.parameters = [p for p in model.parameters() if p.requires_grad]
 
     def run(self, micro_batches: list[dict[str, Batch]], loss_of: LossOf, weights: dict[str, float],
@@ -88,17 +91,18 @@ class SummedGradients:
         losses: dict[str, float] = {}
         summed: list[torch.Tensor | None] = [None] * len(self.parameters)
         for batches in micro_batches:
-            local = {task: loss_of(task, batch) for task, batch in batches.items()}
-            # Each micro-batch's mean over its rows / their number: the gradient of the step's mean loss.
-            total = sum(weights[task] * loss for task, loss in local.items()) / len(micro_batches)
-            for i, grad in enumerate(torch.autograd.grad(total, self.parameters, allow_unused=True)):
-                if grad is not None:
-                    summed[i] = grad if summed[i] is None else summed[i].add_(grad)
-            for task, loss in local.items():
-                losses[task] = losses.get(task, 0.0) + loss.item() / len(micro_batches)
+            with self.timers.phase("forward_backward"):
+                local = {task: loss_of(task, batch) for task, batch in batches.items()}
+                # Each micro-batch's mean over its rows / their number: the gradient of the step's mean loss.
+                total = sum(weights[task] * loss for task, loss in local.items()) / len(micro_batches)
+                for i, grad in enumerate(torch.autograd.grad(total, self.parameters, allow_unused=True)):
+                    if grad is not None:
+                        summed[i] = grad if summed[i] is None else summed[i].add_(grad)
+                for task, loss in local.items():
+                    losses[task] = losses.get(task, 0.0) + loss.item() / len(micro_batches)
         # Heads of absent tasks stay untouched (AdamW would decay weights it is handed a zero gradient for).
         _check_and_hand_over(self.engine, self.parameters, summed, list(losses.values()),
-                             f"non-finite loss or gradient: {_fmt(losses)}")
+                             f"non-finite loss or gradient: {_fmt(losses)}", self.timers)
         return StepOutcome(losses, None)
 
 
@@ -106,22 +110,24 @@ class ContrastiveGradients:
     """SimCSE: loss (3) of this rank's sentences against every rank's views, its gradient (through GradCache
     when simcse.chunk_size is set), checked for NaN/inf on every rank, handed to DeepSpeed."""
 
-    def __init__(self, engine, model: torch.nn.Module, cfg: SimCSEConfig) -> None:
-        self.engine, self.model, self.cfg = engine, model, cfg
+    def __init__(self, engine, model: torch.nn.Module, cfg: SimCSEConfig, timers: StepTimers) -> None:
+        self.engine, self.model, self.cfg, self.timers = engine, model, cfg, timers
         self.parameters = [p for p in model.parameters() if p.requires_grad]
 
     def run(self, batch: Batch) -> float:
         """One optimizer step on this rank's sentences; returns this rank's loss."""
-        loss, grads = simcse_gradients(self.model, batch, self.parameters, temperature=self.cfg.temperature,
-                                       negatives=self.cfg.negatives, chunk_size=self.cfg.chunk_size or None)
+        # The views' all-gather (and its reduce-scatter backward) run inside autograd: timed with it.
+        with self.timers.phase("forward_backward"):
+            loss, grads = simcse_gradients(self.model, batch, self.parameters, temperature=self.cfg.temperature,
+                                           negatives=self.cfg.negatives, chunk_size=self.cfg.chunk_size or None)
         # The loss never reaches some parameters (the pooler under mean pooling, say): they stay untouched.
         _check_and_hand_over(self.engine, self.parameters, grads, [float(loss)],
-                             f"non-finite contrastive loss or gradient: loss={float(loss):.4g}")
+                             f"non-finite contrastive loss or gradient: loss={float(loss):.4g}", self.timers)
         return float(loss)
 
 
 def _check_and_hand_over(engine, parameters: list[torch.Tensor], grads: list[torch.Tensor | None],
-                         losses: list[float], cause: str) -> None:
+                         losses: list[float], cause: str, timers: StepTimers) -> None:
     """Hand this rank's `grads` (None where the loss never reached a parameter) to DeepSpeed as the step's
     gradient, unless a loss or gradient is NaN/inf on some rank (then NonFiniteStep(cause) on every rank).
     `grads` is emptied: autograd adopts the tensors as .grad, no copy."""
@@ -129,16 +135,22 @@ def _check_and_hand_over(engine, parameters: list[torch.Tensor], grads: list[tor
     kept = [grads[i] for i in touched]
     grads.clear()
     norms = torch.stack(torch._foreach_norm(kept)).double().cpu()
-    if not all_finite(torch.cat([torch.tensor(losses, dtype=torch.float64), norms])):
+    if not all_finite(torch.cat([torch.tensor(losses, dtype=torch.float64), norms]), timers):
         raise NonFiniteStep(cause)
-    hand_over(engine, [parameters[i] for i in touched], kept)
+    hand_over(engine, [parameters[i] for i in touched], kept, timers)
 
 
-def hand_over(engine, parameters: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+def hand_over(engine, parameters: list[torch.Tensor], grads: list[torch.Tensor], timers: StepTimers) -> None:
     """Apply `grads` (one per parameter, this rank's) as the step's gradient: DeepSpeed reduces, clips and
-    steps as after any backward. The list is emptied (autograd adopts the tensors as .grad, no copy)."""
-    engine.backward(_HandOver.apply(grads, *parameters))
-    engine.step()
+    steps as after any backward. The list is emptied (autograd adopts the tensors as .grad, no copy).
+
+    The surrogate's backward computes nothing (it returns the given tensors), so engine.backward is DeepSpeed's
+    gradient reduction: timed as communication. engine.step (clipping, the optimizer, and at ZeRO 1/2 the
+    all-gather of the updated partitions) is timed as optimizer."""
+    with timers.phase("communication"):
+        engine.backward(_HandOver.apply(grads, *parameters))
+    with timers.phase("optimizer"):
+        engine.step()
 
 
 class SurgeryGradients:
@@ -151,8 +163,10 @@ class SurgeryGradients:
     At ZeRO 1/2 DeepSpeed's own reduction partitions the gradient, so it always runs.
     """
 
-    def __init__(self, engine, model: MultitaskModel, cfg: SurgeryConfig, seed: int, comm: CommCounter) -> None:
-        self.engine, self.model, self.cfg, self.seed, self.comm = engine, model, cfg, seed, comm
+    def __init__(self, engine, model: MultitaskModel, cfg: SurgeryConfig, seed: int, comm: CommCounter,
+                 timers: StepTimers) -> None:
+        """Collectives through `comm` are timed by it (the trainer passes the timers' communication phase)."""
+        self.engine, self.model, self.cfg, self.seed, self.comm, self.timers = engine, model, cfg, seed, comm, timers
         self.tasks = list(model.tasks)
         self.shared = [p for p in model.shared_parameters() if p.requires_grad]
         self.num_shared = sum(p.numel() for p in self.shared)
@@ -188,32 +202,39 @@ class SurgeryGradients:
                     continue
                 first = i == min(j for j, b in enumerate(micro_batches) if task in b)
                 if n:
-                    loss = loss_of(task, batch)
-                    losses[task] = losses.get(task, 0.0) + loss.item() / len(micro_batches)
-                    # s_t·n/n_t^r: the row ends as s_t times the gradient of the mean loss over the rank's rows.
-                    scale = weights[task] * float(reduction.scales[t]) * n / int(local_counts[t])
-                    backward = self._backward_into_row if self.into_grad else self._grad_into_row
-                    _accumulate(head_grads, task, backward(scale * loss, task, reduction, first, head_grads))
+                    with self.timers.phase("forward_backward"):
+                        loss = loss_of(task, batch)
+                        losses[task] = losses.get(task, 0.0) + loss.item() / len(micro_batches)
+                        # s_t·n/n_t^r: the row ends as s_t times the gradient of the mean loss over the rank's rows.
+                        scale = weights[task] * float(reduction.scales[t]) * n / int(local_counts[t])
+                        backward = self._backward_into_row if self.into_grad else self._grad_into_row
+                        _accumulate(head_grads, task, backward(scale * loss, task, reduction, first, head_grads))
                 elif first:
                     reduction.row(t).zero_()
                 if i == last_micro_batch[task]:
                     reduction.reduce([t])
-        # Checked before any weighting runs on them; in exact mode the Gram matrix is global already.
-        gram = reduction.gram()
-        checked = (gram.diagonal() if gram is not None else
-                   torch.tensor([float(reduction.row(t).norm()) for t in reduction.present], dtype=torch.float64))
-        if not all_finite(torch.cat([torch.tensor(list(losses.values()), dtype=torch.float64),
-                                     checked.double().cpu()])):
-            raise NonFiniteStep(f"non-finite loss or gradient: {_fmt(losses)}")
-        result = reduction.finish(step_generator(self.seed, step))
-        self._track([result.gradient], reduction, head_grads)
-        skip_engine_reduction = self.own_reduction and result.is_global
-        if skip_engine_reduction and reduction.world_size > 1:
-            self._all_reduce_heads(head_grads, reduction)
-        handover = _HandOver.apply(self._per_parameter(result.gradient, head_grads), *self._parameters(head_grads))
-        self._backward(handover, reduce=not skip_engine_reduction)
+        # The hook's collectives (waits for the reductions, the Gram matrix's, the update's gather) time themselves
+        # as communication, inside this phase and so out of it.
+        with self.timers.phase("surgery"):
+            # Checked before any weighting runs on them; in exact mode the Gram matrix is global already.
+            gram = reduction.gram()
+            checked = (gram.diagonal() if gram is not None else
+                       torch.tensor([float(reduction.row(t).norm()) for t in reduction.present], dtype=torch.float64))
+            if not all_finite(torch.cat([torch.tensor(list(losses.values()), dtype=torch.float64),
+                                         checked.double().cpu()]), self.timers):
+                raise NonFiniteStep(f"non-finite loss or gradient: {_fmt(losses)}")
+            result = reduction.finish(step_generator(self.seed, step))
+            self._track([result.gradient], reduction, head_grads)
+            skip_engine_reduction = self.own_reduction and result.is_global
+            if skip_engine_reduction and reduction.world_size > 1:
+                self._all_reduce_heads(head_grads, reduction)
+            handover = _HandOver.apply(self._per_parameter(result.gradient, head_grads),
+                                       *self._parameters(head_grads))
+        with self.timers.phase("communication"):  # DeepSpeed's reduction, when it runs (see hand_over)
+            self._backward(handover, reduce=not skip_engine_reduction)
         self._track([p.grad for p in self.model.parameters() if p.grad is not None], reduction, {})
-        self.engine.step()
+        with self.timers.phase("optimizer"):
+            self.engine.step()
         return StepOutcome(losses, result.stats)
 
     def _backward_into_row(self, loss: torch.Tensor, task: str, reduction: TaskReduction, first: bool,

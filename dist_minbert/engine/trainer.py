@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,9 +30,11 @@ from dist_minbert.engine.step_gradients import NonFiniteStep, build_gradients
 from dist_minbert.engine.step_policy import SkippedSteps, step_actions
 from dist_minbert.engine.task_inputs import merge_rejects
 from dist_minbert.model.checkpoint import load_encoder
-from dist_minbert.observe.loss_window import LossWindow
+from dist_minbert.observe.loss_window import LossWindow, num_tokens
+from dist_minbert.observe.memory import memory_scalars
 from dist_minbert.observe.metrics_logger import MetricsLogger
 from dist_minbert.observe.progress import progress_bar
+from dist_minbert.observe.run_figures import hparam_metrics, run_figures, run_hparams
 from dist_minbert.observe.surgery_scalars import surgery_scalars
 from dist_minbert.observe.timers import StepTimers, timed_iter
 from dist_minbert.surgery.comm import CommCounter
@@ -53,16 +56,17 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # heads start identical on every rank
         model = MultitaskModel(load_encoder(cfg.model.checkpoint, dropout=cfg.model.dropout), cfg.tasks,
                                cfg.model.pooling)
-        self.comm = CommCounter(sum(p.numel() for p in model.shared_parameters()))
+        self.timers = StepTimers()
+        self.comm = CommCounter(sum(p.numel() for p in model.shared_parameters()),
+                                timed=partial(self.timers.phase, "communication"))
         self.gradients = build_gradients(model, cfg.surgery, cfg.deepspeed, cfg.optim, self.total_steps,
-                                         cfg.workers.use_gpu, ctx.world_size, cfg.train.seed, self.comm)
+                                         cfg.workers.use_gpu, ctx.world_size, cfg.train.seed, self.comm, self.timers)
         self.engine = self.gradients.engine
         self.model: MultitaskModel = self.engine.module
         torch.manual_seed(cfg.train.seed + 1 + ctx.rank)  # distinct dropout masks per rank
 
         self.evaluator = Evaluator(self.engine, self.model, cfg.tasks, self.data.inputs, self.data.collators, ctx,
                                    cfg.train.eval_batch_size, cfg.train.eval_max_rows)
-        self.timers = StepTimers()
         self.num_truncated: dict[str, int] = defaultdict(int)
         self.logger = MetricsLogger(str(self.out / "tensorboard") if ctx.is_main and cfg.observe.tensorboard else None)
         self.skipped_steps = SkippedSteps(cfg.train.max_nonfinite_steps, self.logger)
@@ -108,8 +112,7 @@ class Trainer:
         self.state.stream_states = step.stream_states
         self.state.global_step += 1
         try:
-            with self.timers.phase("step"):
-                outcome = self.gradients.run(micro_batches, self.loss, weights, self.global_step)
+            outcome = self.gradients.run(micro_batches, self.loss, weights, self.global_step)
         except NonFiniteStep as exc:
             self.skipped_steps.skipped(self.global_step, exc)
             return {}
@@ -126,7 +129,7 @@ class Trainer:
         if history.initial is None:  # a resumed run carries its dev history on
             history.initial = history.last = self._evaluate()[0]
         best_predictions: SplitPredictions | None = None
-        samples, train_s, window = 0, 0.0, LossWindow()
+        samples, train_s, window = 0, 0.0, LossWindow(self.ctx.device)
         bar = progress_bar(self.total_steps, "train", enabled=self.ctx.is_main and cfg.observe.progress)
         bar.update(self.global_step)
         with Prefetcher(self.data.reader(), self.positions(), cfg.data.prefetch) as steps:
@@ -134,9 +137,10 @@ class Trainer:
                 started = time.perf_counter()
                 losses = self.train_step(step)
                 step_s = waited_s + time.perf_counter() - started  # a data stall is lost training time
+                self.timers.end_step(step_s)
                 step_samples = sum(self.data.plan(step.position)[t] for t in losses)  # proportional: not the config's
                 samples, train_s = samples + step_samples, train_s + step_s
-                window.add(losses, step_samples, step_s)
+                window.add(losses, step_samples, num_tokens(step.micro_batches) if losses else 0, step_s)
                 bar.update(1)
                 epoch, step_in_epoch = step.position
                 actions = step_actions(self.global_step, epoch, step_in_epoch, self.data.epoch_steps,
@@ -161,7 +165,7 @@ class Trainer:
         known = {"dev": best_predictions} if best_predictions is not None else None
         predictions = self.evaluator.write_predictions(self.out / "predictions",
                                                        cfg.train.predict_splits or ["dev", "test"], known)
-        return self._summary(samples, train_s, predictions)
+        return self._summary(samples, train_s, predictions, run_figures(self.timers, window, train_s, self.ctx.device))
 
     def _evaluate(self) -> tuple[Metrics, SplitPredictions | None]:
         dev, predictions = self.evaluator.evaluate("dev")
@@ -172,19 +176,28 @@ class Trainer:
             log.info("dev at step %d: %s", self.global_step, json.dumps(dev))
         return dev, predictions
 
-    def _summary(self, samples: int, train_s: float, predictions: dict[str, str]) -> dict:
+    def _summary(self, samples: int, train_s: float, predictions: dict[str, str], figures: dict) -> dict:
         last = self.state.dev_history.last
         summary = write_summary(self.out, self.ctx, self.state, samples, train_s, self.started,
                                 self.checkpoints.final_path(),
                                 {"predictions": predictions, "rejects": str(self.out / "rejects.tsv")},
                                 score=overall_score(last) if last else None,
-                                truncated_rows=dict(self.num_truncated))
+                                truncated_rows=dict(self.num_truncated), **figures)
+        self.logger.hparams(self.global_step, self._hparams(), hparam_metrics(summary))
         self.logger.close()
         return summary
 
+    def _hparams(self) -> dict:
+        cfg = self.cfg
+        return run_hparams(cfg, self.total_steps, **{
+            "surgery.mode": cfg.surgery.mode, "surgery.weighting": cfg.surgery.weighting,
+            "schedule.name": cfg.schedule.name, "schedule.tasks_per_step": cfg.schedule.tasks_per_step,
+            "optim.head_lr": cfg.optim.head_lr or cfg.optim.lr, "model.pooling": cfg.model.pooling,
+            "tasks": ",".join(cfg.tasks), **{f"tasks.{t}.batch_size": task.batch_size for t, task in cfg.tasks.items()}})
+
     def _log_train(self, epoch: int, window: dict[str, float]) -> None:
-        values = {**window, **self.timers.drain(), "lr": self.engine.get_lr()[0], "epoch": epoch,
-                  **{f"sampling/{t}_p": p for t, p in self.data.probabilities(epoch).items()},
+        values = {**window, **self.timers.drain(), **memory_scalars(self.ctx.device), "lr": self.engine.get_lr()[0],
+                  "epoch": epoch, **{f"sampling/{t}_p": p for t, p in self.data.probabilities(epoch).items()},
                   **{f"samples_seen/{t}": samples_seen(s) for t, s in self.state.stream_states.items()},
                   **{f"truncated_rows/{t}": n for t, n in self.num_truncated.items()}}
         self.logger.scalars(self.global_step, values)

@@ -24,9 +24,21 @@ class MetricsLogger:
         """task → metric → value, written as `prefix/task/metric`."""
         self.scalars(step, {f"{prefix}/{task}/{name}": v for task, metrics in values.items() for name, v in metrics.items()})
 
-    def hparams(self, params: Mapping[str, float | int | str | bool], metrics: Mapping[str, float]) -> None:
-        if self._writer is not None:
-            self._writer.add_hparams(dict(params), dict(metrics), run_name="hparams")
+    def hparams(self, step: int, params: Mapping[str, float | int | str], metrics: Mapping[str, float]) -> None:
+        """The run's row in TensorBoard's HParams view: `params` and, as scalars at `step`, `metrics`.
+
+        Written into this run's own folder. torch's add_hparams writes them into a sub-folder, which
+        TensorBoard lists as a run of its own beside the run (`<run>/tensorboard/<name>`, holding copies of
+        the metrics); here the session is the run itself, so `tensorboard --logdir runs/` shows one row per run
+        and the metric columns read the run's own scalars.
+        """
+        if self._writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        for summary in hparams(dict(params), dict(metrics)):  # experiment, session start, session end
+            self._writer.file_writer.add_summary(summary, step)
+        self.scalars(step, metrics)
 
     def flush(self) -> None:
         if self._writer is not None:

@@ -13,6 +13,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,9 +65,10 @@ class Pending:
     def wait(self) -> None:
         if self._work is None:
             return
-        start = time.perf_counter()
-        self._work.wait()
-        self._counter.seconds += self._counter._elapsed(start, self._tensor)
+        with self._counter.timed():
+            start = time.perf_counter()
+            self._work.wait()
+            self._counter.seconds += self._counter._elapsed(start, self._tensor)
         self._work = None
 
 
@@ -78,6 +80,9 @@ class CommCounter:
     units: float = 0.0  # communication so far, in units
     seconds: float = 0.0  # wall time spent blocked in collectives so far (issue + wait)
     num_calls: int = 0  # collectives so far
+    # Wraps every blocking call (a collective's issue, an asynchronous one's wait): the train loop passes its
+    # `communication` phase (observe.timers), so collectives inside surgery or a backward are timed as such.
+    timed: Callable[[], AbstractContextManager] = contextlib.nullcontext
 
     @property
     def world_size(self) -> int:
@@ -91,24 +96,29 @@ class CommCounter:
 
     def all_reduce(self, tensor: Tensor, async_op: bool = False) -> Pending | None:
         """In-place sum over ranks."""
-        start = time.perf_counter()
-        work = dist.all_reduce(tensor, group=self.group, async_op=async_op)
-        self.record("all_reduce", tensor.numel(), self._elapsed(start, tensor))
+        work = self._issue("all_reduce", tensor.numel(), tensor,
+                           lambda: dist.all_reduce(tensor, group=self.group, async_op=async_op))
         return Pending(work, self, tensor) if async_op else None
 
     def reduce_scatter(self, output: Tensor, input: Tensor, async_op: bool = False) -> Pending | None:
         """output = this rank's 1/N slice of the sum over ranks of input."""
-        start = time.perf_counter()
-        work = _reduce_scatter()(output, input, group=self.group, async_op=async_op)
-        self.record("reduce_scatter", input.numel(), self._elapsed(start, input))
+        work = self._issue("reduce_scatter", input.numel(), input,
+                           lambda: _reduce_scatter()(output, input, group=self.group, async_op=async_op))
         return Pending(work, self, output) if async_op else None
 
     def all_gather(self, output: Tensor, input: Tensor, async_op: bool = False) -> Pending | None:
         """output = the concatenation of every rank's input, in rank order."""
-        start = time.perf_counter()
-        work = _all_gather()(output, input, group=self.group, async_op=async_op)
-        self.record("all_gather", output.numel(), self._elapsed(start, output))
+        work = self._issue("all_gather", output.numel(), output,
+                           lambda: _all_gather()(output, input, group=self.group, async_op=async_op))
         return Pending(work, self, output) if async_op else None
+
+    def _issue(self, collective: Collective, numel: int, tensor: Tensor, call: Callable[[], object]):
+        """Runs `call` (the collective), counted and timed; returns its work handle (None unless asynchronous)."""
+        with self.timed():
+            start = time.perf_counter()
+            work = call()
+            self.record(collective, numel, self._elapsed(start, tensor))
+        return work
 
     def _elapsed(self, start: float, tensor: Tensor) -> float:
         if self.sync_cuda and tensor.is_cuda:

@@ -193,7 +193,7 @@ class SimCSETrainer:
 
     def _log_train(self, epoch: int, window: dict[str, float]) -> None:
         values = {**window, **self.timers.drain(), **memory_scalars(self.ctx.device), "lr": self.engine.get_lr()[0],
-                  "epoch": epoch,                   "samples_seen/corpus": samples_seen(self.state.stream_states[CORPUS])}
+                  "epoch": epoch, "samples_seen/corpus": samples_seen(self.state.stream_states[CORPUS])}
         self.logger.scalars(self.global_step, values)
         if self.ctx.is_main:
             log.info("step %d/%d epoch %d loss=%.4f %.1f sentences/s", self.global_step, self.total_steps, epoch,

@@ -45,7 +45,7 @@ from datetime import timedelta
 from multiprocessing import get_context
 from pathlib import Path
 
-from dist_minbert.data.bench import _peak_rss_mb, _rss_mb
+from dist_minbert.data.bench import _rss_mb
 from dist_minbert.data.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -461,6 +461,7 @@ def _simcse_worker(rank: int, world_size: int, store: str, raw: dict, job: dict,
         from dist_minbert.data.stream import TaskStream
         from dist_minbert.model.checkpoint import load_encoder
         from dist_minbert.model.tokenizer import WordPieceTokenizer
+        from dist_minbert.observe.memory import peak_rss_mb
 
         config = SimCSEBenchConfig(**raw)
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
@@ -500,7 +501,7 @@ def _simcse_worker(rank: int, world_size: int, store: str, raw: dict, job: dict,
         results.put({"rank": rank, "step_s_all": wall, "cpu_s_all": cpu, "data_wait_s_all": wait,
                      "all_reduce_s_all": reduce_s, "tokens_per_sentence": statistics.mean(tokens),
                      "last_loss": float(loss), "num_params": sum(p.numel() for p in parameters),
-                     "rss_after_load_mb": rss_after_load, "peak_rss_mb": _peak_rss_mb(), "load_s": load_s,
+                     "rss_after_load_mb": rss_after_load, "peak_rss_mb": peak_rss_mb(), "load_s": load_s,
                      "run_s": time.perf_counter() - started})
         dist.destroy_process_group()
     except BaseException as exc:  # reported to the driver, which raises

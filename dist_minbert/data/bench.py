@@ -176,13 +176,6 @@ def _cpu_s() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _peak_rss_mb() -> float:
-    """This process image's own peak RSS (VmHWM). Not ru_maxrss: across fork + exec that keeps the
-    parent's RSS at spawn time, so a rank started from a large process would report the parent's size."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
-
-
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -198,6 +191,7 @@ def _stream_rank(url, rank, num_ranks, batch_size_per_rank, prefetch, max_length
         from dist_minbert.data.step_reader import StepReader
         from dist_minbert.data.shards import open_source
         from dist_minbert.data.stream import TaskStream
+        from dist_minbert.observe.memory import peak_rss_mb
 
         torch.set_num_threads(1)
         tok = WordPieceTokenizer.from_checkpoint(checkpoint)
@@ -215,7 +209,7 @@ def _stream_rank(url, rank, num_ranks, batch_size_per_rank, prefetch, max_length
             for step in batches:
                 samples += step.micro_batches[0]["corpus"].tensors["input_ids"].shape[0]
         elapsed, cpu = time.perf_counter() - began, time.process_time() - began_cpu
-        peak = _peak_rss_mb()
+        peak = peak_rss_mb()
         results.put({"rank": rank, "samples": samples, "samples_per_s": samples / elapsed,
                      "samples_per_cpu_s": samples / cpu,
                      "rss_growth_mb": peak - rss_after_imports})

@@ -158,12 +158,13 @@ def config_from_dict(raw: dict, base_dir: str | os.PathLike | None = None) -> Ru
     return cfg
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), resolve_paths: bool = True) -> RunConfig:
+    """resolve_paths: local relative paths made absolute against the working directory (False: as written)."""
     raw = _read_yaml(Path(path).resolve()) if path else {}
     raw.setdefault("tasks", {name: {} for name in BUILTIN_TASKS})  # so `tasks.sts.head=…` keeps sst and qqp
     for text in overrides:
         apply_override(raw, *parse_override(text))
-    return config_from_dict(raw, base_dir=Path.cwd())
+    return config_from_dict(raw, base_dir=Path.cwd() if resolve_paths else None)
 
 
 def simcse_config_from_dict(raw: dict, base_dir: str | os.PathLike | None = None) -> SimCSERunConfig:

@@ -364,8 +364,11 @@ def test_submit_builds_the_ray_job_command(capsys, monkeypatch):
     env = json.loads(flags["--runtime-env-json"])
     assert env["env_vars"] == {"TOKENIZERS_PARALLELISM": "false", "NCCL_DEBUG": "INFO"}
     assert ".venv" in env["excludes"] and "runs" in env["excludes"]
+    # demo.yaml's output_dir and the default data.root are relative: the job gets them absolute, as resolved here.
     assert entrypoint == ["dist-minbert", "train", "--config", "configs/demo.yaml",
-                          "workers.num_workers=4", "tasks.sst.batch_size=32"]
+                          "workers.num_workers=4", "tasks.sst.batch_size=32",
+                          f"data.root={REPO.parent / 'shared' / 'data' / 'cs224n'}",
+                          f"train.output_dir={REPO / 'runs' / 'demo'}"]
 
 
 def test_submit_takes_the_address_from_ray_address_and_the_flag_wins(capsys, monkeypatch):
@@ -377,6 +380,26 @@ def test_submit_takes_the_address_from_ray_address_and_the_flag_wins(capsys, mon
     assert argv[argv.index("--config") + 1] == "configs/demo.yaml"  # relative to the uploaded working dir
     argv = submit_dry_run(["--address", "http://flag:8265", "--config", str(DEMO)], capsys)
     assert argv[argv.index("--address") + 1] == "http://flag:8265"
+
+
+def test_submit_passes_relative_paths_absolute_and_warns_when_the_head_is_elsewhere(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    argv = ["--config", "configs/demo.yaml", "data.root=../data", f"model.checkpoint={tmp_path}",
+            "train.output_dir=runs/x", "data.shards=s3://bucket/shards"]
+    capsys.readouterr()
+    assert submit.main(["--address", "http://127.0.0.1:8265", *argv, "--dry-run"]) == 0
+    local = capsys.readouterr()
+    assert local.err == ""  # the head is this machine: no warning
+    # A relative override is replaced by its absolute value; absolute paths and URLs are left as given.
+    command = shlex.split(local.out)
+    assert command[command.index("--config") + 2:] == [
+        f"model.checkpoint={tmp_path}", "data.shards=s3://bucket/shards", f"data.root={REPO.parent / 'data'}",
+        f"train.output_dir={REPO / 'runs' / 'x'}"]
+    assert submit.main(["--address", "http://head.example:8265", *argv, "--dry-run"]) == 0
+    assert capsys.readouterr().err == (
+        "launch.submit: warning: the head http://head.example:8265 is not this machine; the job uses these paths on "
+        f"its nodes, so they must be on storage every node mounts at the same path: data.root={REPO.parent / 'data'} "
+        f"train.output_dir={REPO / 'runs' / 'x'}\n")
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -34,10 +34,14 @@ def check_complete_run(scalars: dict[str, dict[int, float]], summary: dict, tens
     for step in steps:
         samples_per_s, tokens_per_s = scalars["throughput/samples_per_s"][step], scalars["throughput/tokens_per_s"][step]
         assert 0 < tokens_per_s <= samples_per_s * max_tokens_per_sample, step
-        parts = sum(scalars[f"time/{p}_s"][step] for p in PARTS)
-        assert parts == pytest.approx(scalars["time/step_s"][step], rel=0.10), step
+        # Each phase inside the step, none twice: never more than the step (float32 in the event file).
+        assert sum(scalars[f"time/{p}_s"][step] for p in PARTS) <= scalars["time/step_s"][step] * (1 + 1e-5), step
         ranks = [scalars[f"memory/peak_rss_mb/rank{r}"][step] for r in range(num_workers)]
         assert min(ranks) > 50 and scalars["memory/peak_rss_mb/max"][step] == max(ranks)  # torch alone is more
+    # Within 10% over the logged steps (a step of tens of ms on the tiny model can lose a scheduler slice of a
+    # loaded machine outside its phases: checked over the run rather than step by step).
+    parts = sum(scalars[f"time/{p}_s"][step] for p in PARTS for step in steps)
+    assert parts == pytest.approx(sum(scalars["time/step_s"].values()), rel=0.10)
     # summary.json: the same figures over the run.
     split = summary["step_time_s"]
     assert list(split) == list(STEP_PHASES) and min(split[p] for p in ("forward_backward", "optimizer")) > 0
@@ -93,26 +97,27 @@ def hparams_rows(logdir: Path) -> list[dict]:
 # -- the pure pieces -----------------------------------------------------------------------------------------------
 
 def test_a_nested_phase_is_taken_out_of_the_enclosing_one():
-    """surgery 40 ms around 30 ms of communication: surgery counts ~10 ms, communication ~30 ms, once each; the
-    step's 50 ms wall time is the sum of its parts. Means are per step: two steps halve the window's totals."""
+    """surgery sleeps 10 ms around 50 ms of communication: communication counts its 50 ms, surgery only the rest,
+    so the two add up to the block's wall time (bracketed by this test's own clock, load or not); counted twice,
+    they would exceed it by the 50 ms. Means are per step: two steps, each its own bracket."""
     timers = StepTimers()
+    walls = []
     for _ in range(2):
         started = time.perf_counter()
         with timers.phase("surgery"):
             time.sleep(0.01)
             with timers.phase("communication"):
-                time.sleep(0.03)
+                time.sleep(0.05)
         with timers.phase("optimizer"):
             time.sleep(0.01)
-        timers.end_step(time.perf_counter() - started)
+        walls.append(time.perf_counter() - started)
+        timers.end_step(walls[-1])
     window, run = timers.drain(), timers.run_means()
-    assert window["time/surgery_s"] == pytest.approx(0.01, abs=0.008)
-    assert window["time/communication_s"] == pytest.approx(0.03, abs=0.008)
+    assert window["time/communication_s"] >= 0.05 and window["time/surgery_s"] >= 0.01
     parts = window["time/surgery_s"] + window["time/communication_s"] + window["time/optimizer_s"]
-    assert parts == pytest.approx(window["time/step_s"], rel=0.02)
-    assert {k: run[k] for k in ("surgery", "communication", "step")} == pytest.approx(
-        {"surgery": window["time/surgery_s"], "communication": window["time/communication_s"],
-         "step": window["time/step_s"]})
+    assert 0.07 <= parts <= window["time/step_s"] == pytest.approx(sum(walls) / 2)
+    assert {p: run[p] for p in ("surgery", "communication", "optimizer", "step")} == pytest.approx(
+        {p: window[f"time/{p}_s"] for p in ("surgery", "communication", "optimizer", "step")})
     assert run["data"] == 0.0 and run["forward_backward"] == 0.0
     assert set(timers.drain().values()) == {0.0}  # drained
 

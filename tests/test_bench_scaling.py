@@ -35,7 +35,8 @@ def test_quick_run_reports_every_key(ray_session, tiny_checkpoint, shared_data, 
     config = quick_config(checkpoint=tiny_checkpoint, data_root=str(shared_data), max_rows=32,
                           output_dir=str(tmp_path / "bench"))
     got = run_scaling_benchmark(config)
-    for key in ("efficiency", "ddp_efficiency", "step_ratio_vs_ddp", "step_ratio_vs_ddp_1w"):
+    for key in ("efficiency", "ddp_efficiency", "step_ratio_vs_ddp", "step_ratio_vs_ddp_1w", "cpu_ratio_vs_ddp",
+                "cpu_ratio_vs_ddp_1w"):
         assert 0.05 < got[key] < 20, (key, got[key])
     for side in ("ours", "ddp"):
         for n in ("1w", "2w"):
@@ -50,12 +51,13 @@ def test_report_by_hand():
     # ours: 1 worker 1.0 s, 2 workers 0.625 s → efficiency 1.0 / (2 · 0.625) = 0.8;
     # DDP: 0.9 s and 0.6 s → 0.75; step ratio at 2 workers 0.6 / 0.625 = 0.96 < 0.97: failed.
     def group(steps: list[float]) -> dict:
-        return {"step_s_all": steps, "cpu_s_all": steps}
+        return {"step_s_all": steps, "cpu_s_all": [2 * s for s in steps]}
 
     ours = {1: group([1.0, 1.2, 0.9]), 2: group([0.625, 0.7, 0.6])}
     ddp = {1: group([0.9, 0.8, 1.0]), 2: group([0.6, 0.5, 0.9])}
     got = report(PCGradBenchConfig(batch_size=32), ours, ddp, wall_s=1.0, load_average=[])
     assert got["efficiency"] == pytest.approx(0.8) and got["ddp_efficiency"] == pytest.approx(0.75)
     assert got["step_ratio_vs_ddp"] == pytest.approx(0.96) and got["step_ratio_vs_ddp_1w"] == pytest.approx(0.9)
+    assert got["cpu_ratio_vs_ddp"] == pytest.approx(0.96) and got["cpu_s"]["ours"]["1w"] == pytest.approx(2.0)
     assert got["samples_per_s"]["ours"]["2w"] == pytest.approx(96 / 0.625)
     assert got["passed"] == {"step_ratio_vs_ddp": False}

@@ -213,8 +213,8 @@ class SurgeryGradients:
                     reduction.row(t).zero_()
                 if i == last_micro_batch[task]:
                     reduction.reduce([t])
-        # The hook's collectives (waits for the reductions, the Gram matrix's, the update's gather) time themselves
-        # as communication, inside this phase and so out of it.
+        # The hook's collectives (the waits for the reductions, the Gram matrix's all-reduce, the update's gather)
+        # are timed as communication through CommCounter.timed, and so left out of this phase.
         with self.timers.phase("surgery"):
             # Checked before any weighting runs on them; in exact mode the Gram matrix is global already.
             gram = reduction.gram()

@@ -161,3 +161,19 @@ def test_scale_on_1_and_2_workers(ray_session, tiny_checkpoint, shared_data, tmp
     result = json.loads((out / "scaling.json").read_text())
     assert result["projection"]["label"] == "projection" and result["projection"]["overlap"] is False
     assert result["projection"]["collectives"] == {"reduce_scatter": 3, "all_gather": 1}  # exact PCGrad on NCCL
+
+
+@pytest.mark.distributed
+def test_scale_refuses_what_it_cannot_measure(ray_session, tmp_path, capsys):
+    """Before any run: a group larger than Ray's CPUs (it would wait forever), a count that does not divide the
+    global batches, and an output folder that holds earlier event files."""
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({"tasks": {"sst": {"batch_size": 8}}}))
+    config = ["scale", "--config", str(tmp_path / "job.yaml"), "--out"]
+    assert main([*config, str(tmp_path / "a"), "--workers", "1,4"]) == 2
+    assert "--workers: [4] need more CPUs than Ray has (2" in capsys.readouterr().err
+    assert main([*config, str(tmp_path / "b"), "--workers", "1,3"]) == 2
+    assert "batch_size" in capsys.readouterr().err
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "events").write_text("")
+    assert main([*config, str(tmp_path / "c"), "--workers", "1,2"]) == 2
+    assert "is not empty" in capsys.readouterr().err

@@ -146,6 +146,8 @@ def _resolve_paths(cfg: RunConfig | SimCSERunConfig, base: Path) -> None:
         cfg.data.shards = str((base / cfg.data.shards).resolve())
     if _is_local(cfg.train.output_dir):
         cfg.train.output_dir = str((base / cfg.train.output_dir).resolve())
+    if _is_local(cfg.train.local_dir):
+        cfg.train.local_dir = str((base / cfg.train.local_dir).resolve())
     if _is_local(cfg.model.checkpoint) and cfg.model.checkpoint != "embedded":
         cfg.model.checkpoint = str((base / cfg.model.checkpoint).resolve())
 

@@ -35,14 +35,22 @@ def fit_on_workers(worker_fn: Callable[[dict], None], loop_config: dict, workers
 
     Ray Train restarts the group up to `workers.max_failures` times; `name` is the run's folder under
     `storage_path`, where Ray keeps the reported checkpoints (the newest `num_checkpoints_to_keep`, or all).
+    A URL `storage_path` reaches Ray through fsspec's filesystem, with this process's fsspec settings for it
+    (endpoint, keys), which the workers receive as FSSPEC_<PROTOCOL> in their environment.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from dist_minbert.engine.run_storage import arrow_filesystem, fsspec_env, is_url
+
     connect(workers.address)
     threads = threads_for(workers.cpus_per_worker, workers.threads_per_worker)
     # OpenMP reads its thread count once, at process start: the environment is the only place to set it.
-    env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", **output.worker_env(workers.use_gpu)}
+    env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", **output.worker_env(workers.use_gpu),
+           **fsspec_env(storage_path)}
+    storage_filesystem = None
+    if is_url(storage_path):
+        storage_path, storage_filesystem = arrow_filesystem(storage_path)
     TorchTrainer(
         functools.partial(run_worker, worker_fn, threads),
         train_loop_config=loop_config,
@@ -50,7 +58,7 @@ def fit_on_workers(worker_fn: Callable[[dict], None], loop_config: dict, workers
         scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
                                      resources_per_worker={"CPU": workers.cpus_per_worker}),
         run_config=RayRunConfig(
-            name=name, storage_path=storage_path,
+            name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=workers.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=num_checkpoints_to_keep),
             worker_runtime_env={"env_vars": env}, logging_config=output.train_logging_config()),
@@ -59,15 +67,16 @@ def fit_on_workers(worker_fn: Callable[[dict], None], loop_config: dict, workers
 
 def check_inputs(cfg: RunConfig | SimCSERunConfig) -> None:
     """The files a run starts from, checked before Ray starts: missing, they would fail every worker instead,
-    as a Ray error. Raises FileNotFoundError; a checkpoint behind a URL is left to the workers."""
-    from dist_minbert.engine.checkpointing import CHECKPOINTS_DIR, resolve_resume
+    as a Ray error. Raises FileNotFoundError; a model checkpoint behind a URL is left to the workers, a resume
+    point at one is looked up (the URL's `latest` pointer)."""
+    from dist_minbert.engine.run_storage import RunStorage
     from dist_minbert.model.checkpoint import EMBEDDED
 
     model = cfg.model.checkpoint
     if model != EMBEDDED and "://" not in model and not (Path(model) / "config.json").is_file():
         raise FileNotFoundError(f"model.checkpoint: {model} is not a checkpoint folder (no config.json there); "
                                 f"allowed: a Hugging Face BERT folder, an fsspec URL, or {EMBEDDED!r}")
-    resolve_resume(cfg.checkpoint.resume, Path(cfg.train.output_dir) / CHECKPOINTS_DIR)
+    RunStorage(cfg.train.output_dir, cfg.train.local_dir).resume_source(cfg.checkpoint.resume)
 
 
 def run_training(cfg: RunConfig) -> dict:
@@ -81,15 +90,17 @@ def run_simcse(cfg: SimCSERunConfig) -> dict:
 
 
 def _run_job(worker_fn: Callable[[dict], None], cfg: RunConfig | SimCSERunConfig) -> dict:
+    from dist_minbert.model.folder import Folder
+
     check_inputs(cfg)
-    out = Path(cfg.train.output_dir)
+    out = Folder(cfg.train.output_dir)  # a local folder or a URL
     started = time.perf_counter()
     # One Ray run per launch: Ray Train would otherwise restore an earlier launch's reported checkpoints
     # into this one; continuing a run is what `--resume` says, restarts within a launch are Ray's.
-    fit_on_workers(worker_fn, {"config": to_plain(cfg)}, cfg.workers, str(out),
+    fit_on_workers(worker_fn, {"config": to_plain(cfg)}, cfg.workers, cfg.train.output_dir,
                    name=f"ray_train-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
                    num_checkpoints_to_keep=cfg.checkpoint.keep_last)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads(out.read_text("summary.json"))
     summary["job_wall_s"] = time.perf_counter() - started  # the whole job as the user waits for it
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    out.write_text("summary.json", json.dumps(summary, indent=2))
     return summary

@@ -1,10 +1,10 @@
 """The function each Ray Train worker runs: typed config on the first line, then the plain trainer.
 
 Checkpoints reach Ray Train as pointers: the trainer writes them (atomically) into the run's own
-checkpoints/ folder on storage every worker shares, and rank 0 reports a one-file checkpoint that names
-that folder, so Ray copies a few bytes instead of the model and optimizer. After a worker dies, Ray
-Train restarts the group (FailureConfig), and the restarted workers continue from the run's newest
-complete checkpoint.
+checkpoints/ folder on storage every worker shares (or at train.output_dir's URL), and rank 0 reports a
+one-file checkpoint that names that folder, so Ray copies a few bytes instead of the model and optimizer.
+After a worker dies, Ray Train restarts the group (FailureConfig), and the restarted workers continue from
+the run's newest complete checkpoint.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from launch.output import configure_worker_logging, is_verbose
 
 log = logging.getLogger(__name__)
 
-POINTER = "dist_minbert_checkpoint.json"  # the file of a reported checkpoint: {"path": <checkpoint folder>}
+POINTER = "dist_minbert_checkpoint.json"  # the file of a reported checkpoint: {"path": <checkpoint folder or URL>}
 STARTED = "dist_minbert_started"  # in this launch's Ray folder: the workers have started once
 
 
@@ -80,23 +80,23 @@ def _resume_point(cfg) -> str:
     import ray.train
     from ray.train.collective import broadcast_from_rank_zero
 
-    from dist_minbert.engine.checkpointing import CHECKPOINTS_DIR, LATEST, latest_checkpoint
+    from dist_minbert.engine.checkpointing import LATEST
+    from dist_minbert.engine.run_storage import RunStorage
 
     context = ray.train.get_context()
     resume = None
     if context.get_world_rank() == 0:
-        out = Path(cfg.train.output_dir)
-        marker = out / context.get_experiment_name() / STARTED
-        restarted = marker.exists()
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-        resume = LATEST if restarted and latest_checkpoint(out / CHECKPOINTS_DIR) else cfg.checkpoint.resume
+        storage = RunStorage(cfg.train.output_dir, cfg.train.local_dir)  # Ray's run folder is in it, local or URL
+        marker = f"{context.get_experiment_name()}/{STARTED}"
+        restarted = storage.exists(marker)
+        storage.touch(marker)
+        resume = LATEST if restarted and storage.has_checkpoint() else cfg.checkpoint.resume
         if restarted:
             log.warning("restarted after a failure; resuming from %s", resume or "the start")
     return broadcast_from_rank_zero(resume)
 
 
-def _report_to_ray(metrics: dict, checkpoint_folder: Path) -> None:
+def _report_to_ray(metrics: dict, checkpoint_folder: str) -> None:
     """Every rank reports (Ray Train's report is a barrier); rank 0 attaches the pointer checkpoint."""
     import ray.train
 
@@ -106,5 +106,6 @@ def _report_to_ray(metrics: dict, checkpoint_folder: Path) -> None:
         ray.train.report(flat)
         return
     with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / POINTER).write_text(json.dumps({"path": str(checkpoint_folder.resolve())}))
+        path = checkpoint_folder if "://" in checkpoint_folder else str(Path(checkpoint_folder).resolve())
+        (Path(folder) / POINTER).write_text(json.dumps({"path": path}))
         ray.train.report(flat, checkpoint=ray.train.Checkpoint.from_directory(folder))

@@ -1,8 +1,13 @@
-"""Shared fixtures: one local Ray instance per test session, a tiny random BERT checkpoint, the shared data."""
+"""Shared fixtures: one local Ray instance per test session, a tiny random BERT checkpoint, the shared data, an S3
+server on loopback."""
 from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,3 +59,50 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server on loopback with the bucket dist-minbert-test; fsspec's s3:// points at it for the module's
+    tests (in this process; Ray workers get it from the launcher, which forwards fsspec's settings)."""
+    s3fs = pytest.importorskip("s3fs")
+    import fsspec
+
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail(f"moto_server did not start; see {log.name}")
+            time.sleep(0.2)
+    saved = fsspec.config.conf.get("s3")
+    fsspec.config.conf["s3"] = {"key": "testing", "secret": "testing",
+                                "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"}}
+    s3fs.S3FileSystem.clear_instance_cache()
+    import boto3  # moto's own dependency; s3fs's mkdir would send a location constraint moto refuses
+
+    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket="dist-minbert-test")
+    fs = fsspec.filesystem("s3")
+    yield fs
+    if saved is None:
+        fsspec.config.conf.pop("s3", None)
+    else:
+        fsspec.config.conf["s3"] = saved
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.terminate()
+    server.wait(timeout=10)
+    log.close()

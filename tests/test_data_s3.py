@@ -1,15 +1,11 @@
-"""Shards on S3: prepare from and to an S3-compatible server (moto_server on loopback), then stream."""
+"""Shards on S3: prepare from and to an S3-compatible server (moto_server on loopback, conftest's `s3`), then stream."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import socket
-import subprocess
-import sys
 import time
 
-import fsspec
 import numpy as np
 import pytest
 
@@ -23,49 +19,6 @@ from dist_minbert.tasks.registry import BUILTIN_TASKS
 
 s3fs = pytest.importorskip("s3fs")
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cs224n")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server on loopback; fsspec's s3:// points at it for the module's tests."""
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail(f"moto_server did not start; see {log.name}")
-            time.sleep(0.2)
-    saved = fsspec.config.conf.get("s3")
-    fsspec.config.conf["s3"] = {"key": "testing", "secret": "testing",
-                                "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"}}
-    s3fs.S3FileSystem.clear_instance_cache()
-    import boto3  # moto's own dependency; s3fs's mkdir would send a location constraint moto refuses
-
-    boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket="dist-minbert-test")
-    fs = fsspec.filesystem("s3")
-    yield fs
-    if saved is None:
-        fsspec.config.conf.pop("s3", None)
-    else:
-        fsspec.config.conf["s3"] = saved
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.terminate()
-    server.wait(timeout=10)
-    log.close()
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
-"""Reading a run's DeepSpeed checkpoint back into a plain model, whatever ZeRO stage wrote it."""
+"""Reading a run's DeepSpeed checkpoint back into a plain model, whatever ZeRO stage wrote it, from a local
+folder or an fsspec URL (downloaded to a temporary folder first)."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -9,6 +11,7 @@ import yaml
 from dist_minbert.config import RunConfig, SimCSERunConfig, config_from_dict, simcse_config_from_dict
 from dist_minbert.contrastive.model import SentenceEncoder
 from dist_minbert.engine.checkpointing import BEST, CHECKPOINTS_DIR, RUN_CONFIG, latest_checkpoint
+from dist_minbert.engine.run_storage import fetch_checkpoint, is_url
 from dist_minbert.model.checkpoint import load_encoder
 from dist_minbert.tasks.multitask import MultitaskModel
 
@@ -38,8 +41,14 @@ def load_module_state(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 def load_trained_model(path: str | Path) -> tuple[RunConfig | SimCSERunConfig, MultitaskModel | SentenceEncoder]:
     """The run's config and its model (multitask, or SimCSE's sentence encoder) with the checkpoint's weights,
-    in eval mode. Both hold the trained BERT as `.encoder`."""
-    tag_dir = _checkpoint_folder(path)
+    in eval mode. Both hold the trained BERT as `.encoder`. `path` as for a local folder, or its URL."""
+    if is_url(str(path)):
+        with tempfile.TemporaryDirectory(prefix="dist-minbert-checkpoint-") as scratch:
+            return _load_trained_model(fetch_checkpoint(str(path), Path(scratch)))
+    return _load_trained_model(_checkpoint_folder(path))
+
+
+def _load_trained_model(tag_dir: Path) -> tuple[RunConfig | SimCSERunConfig, MultitaskModel | SentenceEncoder]:
     raw = yaml.safe_load((tag_dir / RUN_CONFIG).read_text())
     if "simcse" in raw:
         cfg = simcse_config_from_dict(raw)

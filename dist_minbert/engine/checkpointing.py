@@ -15,8 +15,9 @@ written its part, then `latest` is replaced atomically: a kill at any moment lea
 checkpoint complete and `latest` naming it.
 
 Only rank 0 writes the pointers and deletes folders; the collectives around it say why they are there.
-The output folder must be one filesystem that every worker sees (local disk on one node, NFS, a
-mounted bucket), as DeepSpeed's own checkpoints require.
+The folder is local to the job: one filesystem every worker sees (local disk on one node, NFS, a mounted
+bucket), or, when train.output_dir is a URL, each node's staging folder, which `run_storage.RunStorage`
+publishes to the URL (every rank uploads its files, then rank 0 commits with the remote `latest`).
 """
 from __future__ import annotations
 
@@ -98,15 +99,17 @@ def resolve_resume(resume: str, checkpoint_dir: Path) -> Path | None:
 
 # -- writing -----------------------------------------------------------------------------------------
 def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict[str, Any], rank: int,
-                    write_run_files: Callable[[Path], None], keep_last: int, is_best: bool) -> Path:
+                    write_run_files: Callable[[Path], None], keep_last: int, is_best: bool, storage=None) -> Path:
     """Write `step-<step>` atomically on every rank; returns its final folder. Collective: all ranks call it.
 
     `write_run_files(folder)` runs on rank 0 before the folder is published (the resolved config);
-    `is_best` points `best` at the new checkpoint.
+    `is_best` points `best` at the new checkpoint. A remote `storage` (run_storage.RunStorage) publishes it
+    to the run's URL as well.
     """
     tag = step_tag(step)
     final, temp = checkpoint_dir / tag, checkpoint_dir / (TEMP_PREFIX + tag)
-    if rank == 0:
+    remote = storage is not None and storage.remote
+    if rank == 0 or (remote and storage.node_leader):  # a URL's staging folder is per node
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         remove_temp_folders(checkpoint_dir)
     dist.barrier()  # no rank writes into the temporary folder before rank 0 has cleared leftovers
@@ -115,13 +118,21 @@ def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict[
     dist.barrier()  # every rank's shards and RNG state are on disk
     if rank == 0:
         write_run_files(temp)
+    if remote:
+        storage.upload_checkpoint(temp, tag, rank)
+        dist.barrier()  # every rank's files are at the URL before `latest` names them there
+    if rank == 0:
         _fsync_tree(temp)
         os.rename(temp, final)  # the commit: the folder appears complete or not at all
         _write_atomic(checkpoint_dir / LATEST, tag)
         if is_best:
             point_best(checkpoint_dir, final)
         prune(checkpoint_dir, keep_last)
+        if remote:
+            storage.commit(tag, tag if is_best else None, keep_last)
     dist.barrier()  # the checkpoint is in place before any rank reports it or reads the pointers
+    if remote and temp.is_dir():  # another node's staging copy, which rank 0's rename never reached: uploaded
+        shutil.rmtree(temp, ignore_errors=True)
     return final
 
 

@@ -45,7 +45,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/default"  # run folder: logs, checkpoints, predictions, summary.json
+    output_dir: str = "runs/default"  # run folder: logs, checkpoints, predictions, summary.json; a path or fsspec URL
+    local_dir: str = ""  # where a URL output_dir is staged on each node ("" = a temp folder named after the URL)
     epochs: int = 1
     seed: int = 0
     max_steps: int = 0  # stop after this many optimizer steps in total; 0 = no limit
@@ -64,6 +65,9 @@ class TrainConfig:
             raise ValueError(f"max_nonfinite_steps: {self.max_nonfinite_steps} must be ≥ 1")
         if self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size: {self.eval_batch_size} must be ≥ 1")
+        if "://" in self.local_dir:
+            raise ValueError(f"local_dir: {self.local_dir!r} is a URL; allowed: a local folder (DeepSpeed writes there "
+                             f"before a URL output_dir receives the files), or '' for a temp folder")
         bad = [s for s in self.predict_splits or [] if s not in ("dev", "test")]
         if bad:
             raise ValueError(f"predict_splits: {bad[0]!r}; allowed: 'dev', 'test'")
@@ -73,7 +77,7 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = 0  # optimizer steps between periodic checkpoints (0 = only at epoch ends)
     keep_last: int = 2  # newest step checkpoints kept; the best one is kept besides them
-    resume: str = ""  # "" = fresh start; "latest" = newest checkpoint in train.output_dir; or an absolute path
+    resume: str = ""  # "" = fresh start; "latest" = newest checkpoint in train.output_dir; an absolute path or a URL
     kill_at_step: int = 0  # fault injection: one worker SIGKILLs itself after this optimizer step, once (0 = off)
     kill_rank: int = 0  # the rank that fault injection kills
 
@@ -82,8 +86,8 @@ class CheckpointConfig:
             raise ValueError(f"every_steps: {self.every_steps} is negative; allowed: 0 (epoch ends only) or more")
         if self.keep_last < 1:
             raise ValueError(f"keep_last: {self.keep_last} would keep no checkpoint to resume from; allowed: >= 1")
-        if self.resume not in ("", "latest") and not os.path.isabs(self.resume):
+        if self.resume not in ("", "latest") and not os.path.isabs(self.resume) and "://" not in self.resume:
             raise ValueError(f"resume: {self.resume!r} is a relative path (Ray workers run elsewhere); "
-                             f"allowed: '', 'latest' or an absolute path")
+                             f"allowed: '', 'latest', an absolute path or an fsspec URL")
         if self.kill_at_step < 0 or self.kill_rank < 0:
             raise ValueError(f"kill_at_step / kill_rank: {self.kill_at_step} / {self.kill_rank}; allowed: >= 0")

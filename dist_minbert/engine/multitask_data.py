@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from pathlib import Path
 
 from dist_minbert.config import RunConfig
 from dist_minbert.data.collate import collator
@@ -27,7 +26,7 @@ def task_seed(seed: int, task: str) -> int:
 
 
 class MultitaskData:
-    def __init__(self, cfg: RunConfig, ctx: DistContext, output_dir: Path) -> None:
+    def __init__(self, cfg: RunConfig, ctx: DistContext, output_dir: str) -> None:
         """Prepares the shards (rank 0; the others wait) and opens this rank's streams. Collective."""
         self.cfg = cfg
         self.tokenizer = WordPieceTokenizer.from_checkpoint(cfg.model.checkpoint)

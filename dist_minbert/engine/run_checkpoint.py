@@ -16,11 +16,12 @@ from dist_minbert.engine import checkpointing
 from dist_minbert.engine.checkpointing import RUN_CONFIG
 from dist_minbert.engine.config import CheckpointConfig
 from dist_minbert.engine.dist_context import DistContext
+from dist_minbert.engine.run_storage import RunStorage
 from dist_minbert.engine.step_policy import DevHistory
 
 log = logging.getLogger(__name__)
 
-Report = Callable[[dict, Path], None]  # (metrics, checkpoint folder), called on every rank after each checkpoint
+Report = Callable[[dict, str], None]  # (metrics, checkpoint folder: path or URL), on every rank after each checkpoint
 
 
 @dataclass
@@ -31,9 +32,10 @@ class RunState:
 
 
 class RunCheckpointer:
-    """Saves and resumes `<output_dir>/checkpoints/` for one engine. Every method is collective."""
+    """Saves and resumes `<output_dir>/checkpoints/` for one engine (at a URL through the storage's staging
+    folder). Every method is collective."""
 
-    def __init__(self, engine, output_dir: Path, cfg: CheckpointConfig, ctx: DistContext,
+    def __init__(self, engine, storage: RunStorage, cfg: CheckpointConfig, ctx: DistContext,
                  save_run_config: Callable[[Path], None], report: Report | None = None,
                  on_saved: Callable[[], None] = lambda: None) -> None:
         """`save_run_config(path)` writes the resolved config, which each checkpoint keeps (rank 0); `on_saved`
@@ -42,7 +44,8 @@ class RunCheckpointer:
             raise ValueError(f"checkpoint.kill_rank: {cfg.kill_rank} is not a rank of the {ctx.world_size} "
                              f"workers; allowed: 0 to {ctx.world_size - 1}")
         self.engine, self.cfg, self.ctx = engine, cfg, ctx
-        self.folder = output_dir / checkpointing.CHECKPOINTS_DIR
+        self.storage = storage
+        self.folder = storage.local / checkpointing.CHECKPOINTS_DIR
         self.save_run_config, self.report, self.on_saved = save_run_config, report, on_saved
 
     def save(self, state: RunState, is_best: bool, metrics: dict) -> Path:
@@ -52,17 +55,19 @@ class RunCheckpointer:
                         "dev_history": asdict(state.dev_history)}
         folder = checkpointing.save_checkpoint(self.engine, self.folder, state.global_step, client_state,
                                                self.ctx.rank, lambda temp: self.save_run_config(temp / RUN_CONFIG),
-                                               self.cfg.keep_last, is_best)
+                                               self.cfg.keep_last, is_best, self.storage)
         self.on_saved()
+        self.storage.sync()  # the logged history reaches the URL with the state it leads to
         if self.report:
-            self.report(metrics, folder)
+            self.report(metrics, self.storage.location(folder))
         return folder
 
     def resume(self, streams: dict[str, TaskStream], seed: int, zero_stage: int, tasks: list[str]) -> RunState:
         """Continue from checkpoint.resume (engine state, stream positions, step, RNG and dev history), or
         start fresh; then rank 0 makes the checkpoint folder this run's linear history (later ones go).
         `tasks`: the task heads, in order, that the checkpoint's parameters must have been written with."""
-        tag_dir = checkpointing.resolve_resume(self.cfg.resume, self.folder)
+        source = self.storage.resume_source(self.cfg.resume)
+        tag_dir = self.storage.stage(source, self.ctx.barrier) if isinstance(source, str) else source
         state = RunState(stream_states={name: s.state_dict() for name, s in streams.items()})
         if tag_dir is not None:
             checkpointing.check_resumable(tag_dir, zero_stage, tasks)
@@ -80,14 +85,25 @@ class RunCheckpointer:
             if self.ctx.is_main:
                 log.info("resumed from %s at step %d (written by %d workers, now %d)", tag_dir, state.global_step,
                          saved["world_size"], self.ctx.world_size)
+        best = state.dev_history.best_tag
+        own = tag_dir is not None and tag_dir.parent == self.folder  # this run's own folder: its pointers carry on
+        if self.storage.remote and own and best:
+            self.storage.stage_own(best, self.ctx.barrier)  # the best weights, which the end of the run loads
         if self.ctx.is_main:
-            best = state.dev_history.best_tag
             checkpointing.begin_history(self.folder, state.global_step, tag_dir,
                                         tag_dir.parent / best if tag_dir and best else None)
+            self.storage.begin_history(state.global_step, tag_dir.name if own else None, best if own else None)
         return state
 
     def load_best_weights(self) -> bool:
         """The best evaluation's model weights into the engine, if there is a `best`; True if loaded."""
+        if self.storage.remote:  # the URL's pointer, which every rank reads alike; another node stages the folder
+            best = self.storage.pointer(checkpointing.BEST)
+            if best is None:
+                return False
+            self.storage.stage_own(best, self.ctx.barrier)
+            self.engine.load_checkpoint(str(self.folder), tag=best, load_module_only=True)
+            return True
         if not (self.folder / checkpointing.BEST).exists():
             return False
         self.engine.load_checkpoint(str(self.folder), tag=checkpointing.BEST, load_module_only=True)

@@ -8,13 +8,15 @@ from pathlib import Path
 
 from dist_minbert.engine.dist_context import DistContext
 from dist_minbert.engine.run_checkpoint import RunState
+from dist_minbert.engine.run_storage import RunStorage, is_url
 
 
-def write_summary(out: Path, ctx: DistContext, state: RunState, samples: int, train_s: float, started: float,
-                  checkpoint: Path | None, paths: dict, **figures) -> dict:
-    """The summary (rank 0 writes it to out/summary.json); `figures` and `paths` are the job's own entries.
+def write_summary(storage: RunStorage, ctx: DistContext, state: RunState, samples: int, train_s: float,
+                  started: float, checkpoint: Path | None, paths: dict, **figures) -> dict:
+    """The summary (rank 0 writes it to summary.json in the run's folder); `figures` and `paths` are the job's
+    own entries, paths in the run's folder given as the user finds them (URLs for a run at a URL).
     A metric that is NaN or infinite (a constant prediction's Pearson) is written as null: strict JSON."""
-    history = state.dev_history
+    history, out = state.dev_history, storage.local
     summary = {
         "num_workers": ctx.world_size,
         "steps": state.global_step,
@@ -27,12 +29,21 @@ def write_summary(out: Path, ctx: DistContext, state: RunState, samples: int, tr
         "best_dev": history.best,
         "best_score": history.best_score if history.best else None,
         **figures,
-        "paths": {"output_dir": str(out), "tensorboard": str(out / "tensorboard"), "checkpoint": str(checkpoint) if checkpoint else None,
-                  "config": str(out / "config.yaml"), **paths},
+        "paths": _located(storage, {"output_dir": out, "tensorboard": out / "tensorboard", "checkpoint": checkpoint,
+                                    "config": out / "config.yaml", **paths}),
     }
     if ctx.is_main:
         (out / "summary.json").write_text(json.dumps(_finite(summary), indent=2, allow_nan=False))
     return summary
+
+
+def _located(storage: RunStorage, value):
+    """Every path (or path string) in `value` as storage.location gives it; None stays None."""
+    if isinstance(value, dict):
+        return {k: _located(storage, v) for k, v in value.items()}
+    if value is None or (isinstance(value, str) and is_url(value)):
+        return value
+    return storage.location(Path(value))
 
 
 def _finite(value):

@@ -32,6 +32,7 @@ from dist_minbert.engine.deepspeed_engine import build_engine
 from dist_minbert.engine.dist_context import DistContext
 from dist_minbert.engine.multitask_data import task_seed
 from dist_minbert.engine.run_checkpoint import Report, RunCheckpointer
+from dist_minbert.engine.run_storage import RunStorage
 from dist_minbert.engine.run_summary import write_summary
 from dist_minbert.engine.step_gradients import ContrastiveGradients, NonFiniteStep
 from dist_minbert.engine.step_policy import SkippedSteps, step_actions
@@ -60,7 +61,8 @@ class SimCSETrainer:
         """Opens this rank's stream of the corpus shards, builds the engine, resumes if asked. Collective."""
         self.started = time.perf_counter()
         self.cfg, self.ctx = cfg, ctx
-        self.out = Path(cfg.train.output_dir)
+        self.storage = RunStorage.for_run(cfg.train.output_dir, cfg.train.local_dir, ctx.rank)
+        self.out = self.storage.local  # where this process writes; a URL output_dir is reached through storage
         self.tokenizer = WordPieceTokenizer.from_checkpoint(cfg.model.checkpoint)
         self.stream = TaskStream(open_source(cfg.simcse.corpus), task_seed(cfg.train.seed, CORPUS), ctx.world_size,
                                  ctx.rank, length_group_rows=cfg.data.length_group_rows)
@@ -89,7 +91,7 @@ class SimCSETrainer:
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
-        self.checkpoints = RunCheckpointer(self.engine, self.out, cfg.checkpoint, ctx,
+        self.checkpoints = RunCheckpointer(self.engine, self.storage, cfg.checkpoint, ctx,
                                            lambda path: save_config(cfg, path), report, self.logger.flush)
         self.state = self.checkpoints.resume({CORPUS: self.stream}, cfg.train.seed, cfg.deepspeed.zero_stage,
                                              tasks=[])
@@ -176,12 +178,13 @@ class SimCSETrainer:
                              run_figures(self.timers, window, train_s, self.ctx.device))
 
     def _summary(self, samples: int, train_s: float, encoder_dir: Path, figures: dict) -> dict:
-        summary = write_summary(self.out, self.ctx, self.state, samples, train_s, self.started,
+        summary = write_summary(self.storage, self.ctx, self.state, samples, train_s, self.started,
                                 self.checkpoints.final_path(), {"encoder": str(encoder_dir), "predictions": {}},
                                 pooling=self.cfg.simcse.pooling,
                                 embedding_pooling=self.cfg.simcse.embedding_pooling(), **figures)
         self.logger.hparams(self.global_step, self._hparams(), hparam_metrics(summary))
         self.logger.close()
+        self.storage.sync()  # summary, encoder and the last events reach a URL output_dir
         return summary
 
     def _hparams(self) -> dict:

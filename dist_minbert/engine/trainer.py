@@ -12,7 +12,6 @@ import logging
 import time
 from collections import defaultdict
 from functools import partial
-from pathlib import Path
 
 import torch
 
@@ -25,6 +24,7 @@ from dist_minbert.engine.dist_context import DistContext
 from dist_minbert.engine.evaluation import Evaluator, Metrics, SplitPredictions
 from dist_minbert.engine.multitask_data import MultitaskData
 from dist_minbert.engine.run_checkpoint import Report, RunCheckpointer
+from dist_minbert.engine.run_storage import RunStorage
 from dist_minbert.engine.run_summary import write_summary
 from dist_minbert.engine.step_gradients import NonFiniteStep, build_gradients
 from dist_minbert.engine.step_policy import SkippedSteps, step_actions
@@ -49,8 +49,9 @@ class Trainer:
         """`report(metrics, checkpoint_folder)` is called on every rank after each checkpoint. Collective."""
         self.started = time.perf_counter()
         self.cfg, self.ctx = cfg, ctx
-        self.out = Path(cfg.train.output_dir)
-        self.data = MultitaskData(cfg, ctx, self.out)
+        self.storage = RunStorage.for_run(cfg.train.output_dir, cfg.train.local_dir, ctx.rank)
+        self.out = self.storage.local  # where this process writes; a URL output_dir is reached through storage
+        self.data = MultitaskData(cfg, ctx, cfg.train.output_dir)  # shards on the run's storage, seen by every node
         self.total_steps = self.data.total_steps
 
         torch.manual_seed(cfg.train.seed)  # heads start identical on every rank
@@ -72,7 +73,7 @@ class Trainer:
         self.skipped_steps = SkippedSteps(cfg.train.max_nonfinite_steps, self.logger)
         if ctx.is_main:
             self._write_run_files()
-        self.checkpoints = RunCheckpointer(self.engine, self.out, cfg.checkpoint, ctx,
+        self.checkpoints = RunCheckpointer(self.engine, self.storage, cfg.checkpoint, ctx,
                                            lambda path: save_config(cfg, path), report, self.logger.flush)
         self.state = self.checkpoints.resume(self.data.streams, cfg.train.seed, cfg.deepspeed.zero_stage,
                                              list(cfg.tasks))
@@ -178,13 +179,14 @@ class Trainer:
 
     def _summary(self, samples: int, train_s: float, predictions: dict[str, str], figures: dict) -> dict:
         last = self.state.dev_history.last
-        summary = write_summary(self.out, self.ctx, self.state, samples, train_s, self.started,
+        summary = write_summary(self.storage, self.ctx, self.state, samples, train_s, self.started,
                                 self.checkpoints.final_path(),
                                 {"predictions": predictions, "rejects": str(self.out / "rejects.tsv")},
                                 score=overall_score(last) if last else None,
                                 truncated_rows=dict(self.num_truncated), **figures)
         self.logger.hparams(self.global_step, self._hparams(), hparam_metrics(summary))
         self.logger.close()
+        self.storage.sync()  # summary, predictions and the last events reach a URL output_dir
         return summary
 
     def _hparams(self) -> dict:

@@ -21,9 +21,14 @@ import statistics
 import sys
 import time
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from dist_minbert.bench.pcgrad import TASK_FILES, PCGradBenchConfig, _builder, _run_config
+from dist_minbert.bench.simcse import _start_process
 
 TARGET_STEP_RATIO_VS_DDP = 0.97
 MODE, PLAN = "pcgrad", "auto"  # the production step: exact PCGrad, the backend's default plan
@@ -66,8 +71,6 @@ def ours_worker(loop_config: dict) -> None:
     """The Trainer's production step, timed from batches in memory to the optimizer step; rank 0 writes."""
     import json
 
-    import torch.distributed as dist
-
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # the report alone on the driver's stdout
     config = PCGradBenchConfig(**loop_config["bench"])
@@ -96,8 +99,6 @@ class DDPLoop:
     per-task gradients (and one of the heads'), PCGrad on their mean, clipping, AdamW."""
 
     def __init__(self, cfg, ctx, out: Path) -> None:
-        import torch
-
         from dist_minbert.engine.deepspeed_engine import build_optimizer, lr_lambda, param_groups
         from dist_minbert.engine.multitask_data import MultitaskData
         from dist_minbert.model.checkpoint import load_encoder
@@ -126,9 +127,6 @@ class DDPLoop:
 
     def gradients(self, batches: dict) -> None:
         """The step's update into .grad: the mean over ranks of each task's gradient, then PCGrad's combination."""
-        import torch
-        import torch.distributed as dist
-
         from dist_minbert.surgery.pcgrad import combine, gram_matrix, pcgrad_weights_from_gram, step_generator
 
         self.step_count += 1
@@ -157,17 +155,13 @@ class DDPLoop:
         self._scatter(self.head_grads, self.heads)
 
     def step(self, batches: dict) -> None:
-        import torch
-
         self.gradients(batches)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.deepspeed.gradient_clipping)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=False)
 
-    def flat_gradient(self) -> "torch.Tensor":
-        import torch
-
+    def flat_gradient(self) -> torch.Tensor:
         return torch.cat([p.grad.reshape(-1) for p in [*self.shared, *self.heads]])
 
     @staticmethod
@@ -179,9 +173,7 @@ class DDPLoop:
         return offsets
 
     @staticmethod
-    def _scatter(flat, params: list) -> None:
-        import torch
-
+    def _scatter(flat: torch.Tensor, params: list) -> None:
         start = 0
         for param in params:
             view = flat[start: start + param.numel()].view_as(param)
@@ -196,14 +188,7 @@ def ddp_worker(rank: int, world_size: int, store: str, raw: dict, job: dict, res
     """One process of the DDP group: the loop's warm-up and timed steps; rank 0 may also save its first
     step's gradient (job["gradient_path"]) for the equivalence test."""
     try:
-        from dist_minbert.bench.simcse import _start_process
-
         _start_process(raw)  # stdout to stderr, OMP and torch threads
-        from datetime import timedelta
-
-        import torch
-        import torch.distributed as dist
-
         from dist_minbert.config import config_from_dict
         from dist_minbert.engine.dist_context import DistContext
 

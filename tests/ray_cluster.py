@@ -75,11 +75,11 @@ class RayCluster:
                                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                                        f"--ray-client-server-port={client}", f"--temp-dir={self.temp_dir}"])
         self.gcs_address, self.dashboard_url = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
-        self.wait_for_nodes(1)
+        self.wait_for_nodes()
 
     def add_node(self, name: str, num_cpus: int) -> None:
         self._start(name, num_cpus, [f"--address={self.gcs_address}"])
-        self.wait_for_nodes(sum(node.poll() is None for node in self.nodes.values()))
+        self.wait_for_nodes()
 
     def kill_node(self, name: str) -> None:
         """SIGKILL to the node's whole process group: its raylet, object store, agents and workers at once."""
@@ -99,7 +99,13 @@ class RayCluster:
                        "--filter", "state=ALIVE").stdout
         return json.loads(out)
 
-    def wait_for_nodes(self, count: int, timeout: float = 90) -> None:
+    def node_ids(self) -> dict[str, str]:
+        """name → node id of each live node (a node's name is its one custom resource)."""
+        return {name: node["node_id"] for node in self.alive_nodes() for name in node["resources_total"]
+                if name in self.nodes}
+
+    def wait_for_nodes(self, timeout: float = 90) -> None:
+        """Until exactly the nodes started and not killed are alive (a killed one is declared dead in ~2 s)."""
         deadline = time.monotonic() + timeout
         while True:
             for name, node in self.nodes.items():
@@ -107,12 +113,14 @@ class RayCluster:
                     log = (self.temp_dir / f"{name}.log").read_text(errors="replace")
                     raise RuntimeError(f"ray start of node {name} exited with {node.returncode}:\n{log[-3000:]}")
             try:
-                if len(self.alive_nodes()) == count:
+                alive = self.alive_nodes()
+                names = {name for node in alive for name in node["resources_total"] if name in self.nodes}
+                if len(alive) == len(self.nodes) and names == self.nodes.keys():
                     return
             except (subprocess.CalledProcessError, json.JSONDecodeError):
                 pass  # the dashboard is not up yet
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the cluster did not reach {count} live nodes in {timeout} s")
+                raise TimeoutError(f"nodes {sorted(self.nodes)} were not all alive, alone, within {timeout} s")
             time.sleep(0.5)
 
     def stop(self) -> None:

@@ -42,9 +42,10 @@ class NonFiniteStep(RuntimeError):
     """A NaN or infinite loss or gradient on some rank: every rank skips the step together."""
 
 
-def all_finite(values: torch.Tensor, timers: StepTimers) -> bool:
-    """One all-reduced flag, so all ranks take the same decision in the same step."""
-    bad = torch.tensor([0.0 if bool(torch.isfinite(values).all()) else 1.0], dtype=torch.float64)
+def all_finite(values: torch.Tensor, timers: StepTimers, device: torch.device) -> bool:
+    """One all-reduced flag, so all ranks take the same decision in the same step; on the rank's device, since
+    NCCL reduces no CPU tensor."""
+    bad = torch.tensor([0.0 if bool(torch.isfinite(values).all()) else 1.0], dtype=torch.float64, device=device)
     if dist.is_initialized():
         with timers.phase("communication"):
             dist.all_reduce(bad)
@@ -135,7 +136,7 @@ def _check_and_hand_over(engine, parameters: list[torch.Tensor], grads: list[tor
     kept = [grads[i] for i in touched]
     grads.clear()
     norms = torch.stack(torch._foreach_norm(kept)).double().cpu()
-    if not all_finite(torch.cat([torch.tensor(losses, dtype=torch.float64), norms]), timers):
+    if not all_finite(torch.cat([torch.tensor(losses, dtype=torch.float64), norms]), timers, engine.device):
         raise NonFiniteStep(cause)
     hand_over(engine, [parameters[i] for i in touched], kept, timers)
 
@@ -221,7 +222,7 @@ class SurgeryGradients:
             checked = (gram.diagonal() if gram is not None else
                        torch.tensor([float(reduction.row(t).norm()) for t in reduction.present], dtype=torch.float64))
             if not all_finite(torch.cat([torch.tensor(list(losses.values()), dtype=torch.float64),
-                                         checked.double().cpu()]), self.timers):
+                                         checked.double().cpu()]), self.timers, self.device):
                 raise NonFiniteStep(f"non-finite loss or gradient: {_fmt(losses)}")
             result = reduction.finish(step_generator(self.seed, step))
             self._track([result.gradient], reduction, head_grads)

@@ -226,7 +226,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
     projection = None
     if args.project:
         projection = Projection(_counts(args.project_workers, "--project-workers"), args.model_size,
-                                Network(args.bandwidth_gb_s, args.latency_us))
+                                Network(args.bandwidth_gb_s, args.latency_us), compute_speedup=args.compute_speedup)
     out = args.out or f"runs/scale/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = run_scale(args.config, args.overrides, _counts(args.workers, "--workers"), out, args.steps,
                        args.warmup_steps, projection)
@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--bandwidth-gb-s", type=float, default=20.0, help="--project: ring bus bandwidth per "
                                                                           "worker, GB/s (default 20)")
     scale.add_argument("--latency-us", type=float, default=15.0, help="--project: per ring hop, µs (default 15)")
+    scale.add_argument("--compute-speedup", type=float, default=1.0,
+                       help="--project: a projected worker's compute rate over a measured one's (default 1)")
     scale.add_argument("--verbose", action="store_true", help="as for train")
     scale.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. tasks.sst.batch_size=64")
     scale.set_defaults(func=cmd_scale)

@@ -29,6 +29,13 @@ class Projection:
     model_size: str = ""  # a NAMED_SIZES name or a checkpoint; "" = the config's model.checkpoint
     network: Network = field(default_factory=Network)
     backend: str = "nccl"  # resolves surgery.plan "auto" as on a GPU cluster
+    # One projected worker's compute throughput over a measured one's (e.g. a GPU over a CPU thread: bench simcse's
+    # 2000 for an A100 against one thread here); 1 = workers like the measured ones.
+    compute_speedup: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.compute_speedup > 0:
+            raise ValueError(f"--compute-speedup: {self.compute_speedup}; allowed: > 0")
 
 
 def run_scale(config_path: str, overrides: list[str], worker_counts: list[int], output_dir: str, steps: int = 20,
@@ -56,7 +63,7 @@ def run_scale(config_path: str, overrides: list[str], worker_counts: list[int], 
         projected = _project(rows, next(iter(configs.values())), projection)
         rows += projected["rows"]
         label = (f"{projected['model']}, {projection.network.bandwidth_gb_s:g} GB/s, "
-                 f"{projection.network.latency_us:g} µs")
+                 f"{projection.network.latency_us:g} µs, compute ×{projection.compute_speedup:g}")
     result = {"rows": rows, "projection": projected, "steps": steps, "warmup_steps": warmup_steps,
               "measured_s": time.perf_counter() - started,
               "paths": {"csv": str(out / "scaling.csv"), "plot": str(out / "scaling.png"),
@@ -99,7 +106,7 @@ def _project(rows: list[dict], cfg: RunConfig, projection: Projection) -> dict:
     target_arch, target_params = encoder_size(model)
     tokens = (base["tokens_per_s"] / base["samples_per_s"]) if base["tokens_per_s"] else float(cfg.model.max_length)
     ratio = flops_ratio(target_arch, measured_arch, tokens)
-    compute = scale_report.compute_s_per_sample(base) * ratio
+    compute = scale_report.compute_s_per_sample(base) * ratio / projection.compute_speedup
     num_tasks = len(cfg.tasks) if cfg.schedule.name in ("round_robin", "proportional_batch") \
         else cfg.schedule.tasks_per_step
     collectives = plan_collectives(cfg.surgery.mode, cfg.surgery.plan, num_tasks, projection.backend)
@@ -109,7 +116,8 @@ def _project(rows: list[dict], cfg: RunConfig, projection: Projection) -> dict:
                                projection.network)]
     return {"label": "projection", "model": model, "num_params": target_params,
             "measured_num_params": measured_params, "flops_ratio": ratio, "tokens_per_sample": tokens,
-            "compute_s_per_sample": compute, "surgery": {"mode": cfg.surgery.mode, "plan": cfg.surgery.plan,
-                                                         "backend": projection.backend, "tasks_per_step": num_tasks},
+            "compute_s_per_sample": compute, "compute_speedup": projection.compute_speedup,
+            "surgery": {"mode": cfg.surgery.mode, "plan": cfg.surgery.plan, "backend": projection.backend,
+                        "tasks_per_step": num_tasks},
             "collectives": collectives, "comm_units": plan_units(collectives), "network": asdict(projection.network),
             "overlap": False, "rows": rows}

@@ -189,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if not address:
             raise ConfigError("--address: not given and RAY_ADDRESS is unset; "
                               "allowed: the head's dashboard address, e.g. http://HEAD:8265")
-        load_config(args.config, args.overrides)  # validate before uploading anything
-        paths = path_overrides(args.config, args.overrides)
+        paths = path_overrides(args.config, args.overrides)  # loads, so validates, the config before any upload
         resolved = {p.partition("=")[0] for p in paths}  # the job gets these keys' absolute values instead
         overrides = [o for o in args.overrides if o.partition("=")[0] not in resolved] + paths
         command = build_command(address, args.config, overrides, args.working_dir,

@@ -136,7 +136,7 @@ def test_scale_on_1_and_2_workers(ray_session, tiny_checkpoint, shared_data, tmp
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "scale"
     assert main(["scale", "--config", str(tmp_path / "job.yaml"), "--workers", "1,2", "--steps", "2", "--out", str(out),
-                 "--project", "--model-size", "bert-base", "--project-workers", "4,8"]) == 0
+                 "--project", "--model-size", "bert-base", "--project-workers", "4,8", "--compute-speedup", "2"]) == 0
 
     with open(out / "scaling.csv", newline="") as f:
         table = list(csv.DictReader(f))
@@ -161,6 +161,12 @@ def test_scale_on_1_and_2_workers(ray_session, tiny_checkpoint, shared_data, tmp
     result = json.loads((out / "scaling.json").read_text())
     assert result["projection"]["label"] == "projection" and result["projection"]["overlap"] is False
     assert result["projection"]["collectives"] == {"reduce_scatter": 3, "all_gather": 1}  # exact PCGrad on NCCL
+    # bert-base's compute per sample: the 1-worker run's compute per sample × the FLOP ratio / the speed-up;
+    # its projected 1-worker step is that × the global batch, with no communication.
+    projected = result["projection"]
+    per_sample = float(one["compute_s"]) / 24 * projected["flops_ratio"] / 2
+    assert projected["compute_s_per_sample"] == pytest.approx(per_sample, rel=1e-6)
+    assert float(table[2]["step_s"]) == pytest.approx(24 * per_sample, rel=1e-6) and projected["flops_ratio"] > 1
 
 
 @pytest.mark.distributed

@@ -1,4 +1,5 @@
-"""`dist-minbert train|simcse|evaluate|predict|export|prepare|corpus|scale|bench` — the user's entry points."""
+"""`dist-minbert train|simcse|evaluate|predict|export|prepare|corpus|scale|bench|table|analyse` — the user's entry
+points."""
 from __future__ import annotations
 
 import argparse
@@ -102,17 +103,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from dist_minbert.engine.inference import evaluate_file
-    from dist_minbert.tasks.predictions import write_predictions
+    from dist_minbert.engine.inference import predict_files
 
     cfg, model = _load_quietly(args.checkpoint, heads=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for task, path in _task_files(args.files):
-        rows, preds, _ = evaluate_file(model, cfg, task, path, labelled=False)
-        target = out / f"{task}-{Path(path).stem}-output.csv"
-        write_predictions(str(target), cfg.tasks[task], rows.ids, preds)
-        print(f"{task}: {len(preds)} predictions → {target}")
+    for task, target in predict_files(model, cfg, _task_files(args.files), args.out):
+        print(f"{task}: predictions → {target}")
     return 0
 
 
@@ -242,6 +237,34 @@ def cmd_scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_table(args: argparse.Namespace) -> int:
+    """The table's rows × seeds as Ray Tune trials (only what the results file lacks), then RESULTS.md."""
+    from launch.table import run_table
+
+    _set_verbose(args.verbose)
+    rows = [r for r in args.rows.split(",") if r] if args.rows else None
+    result = run_table(args.config, args.overrides, rows, args.seeds)
+    print(f"\n== dist-minbert table: {result['ran']} run, {result['selected'] - result['ran'] - len(result['unfinished'])}"
+          f" already recorded, {len(result['unfinished'])} unfinished ==")
+    for key, error in result["errors"].items():
+        print(f"failed       {key}: {error}")
+    if result["unfinished"]:
+        print(f"unfinished   {', '.join(result['unfinished'])} (the same command resumes them)")
+    print(f"results      {result['results']}\nreport       {result['report']}")
+    if result["best"]:
+        print(f"best run     {result['best']['run_dir']} (score {result['best']['score']:.4f}): analysis and "
+              f"test predictions in RESULTS.md")
+    return 1 if result["unfinished"] else 0
+
+
+def cmd_analyse(args: argparse.Namespace) -> int:
+    from dist_minbert.analysis.run_analysis import analyse_run
+
+    for what, path in analyse_run(args.run, args.out, args.num_worst).items():
+        print(f"{what}: {path}")
+    return 0
+
+
 def _counts(text: str, flag: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
@@ -330,6 +353,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--verbose", action="store_true", help="bench pcgrad|scaling: also Ray's and DeepSpeed's "
                                                              "log lines")
     bench.set_defaults(func=cmd_bench)
+
+    table = sub.add_parser("table", help="the study's rows × seeds as Ray Tune trials, each a full train run; "
+                                          "resumable; writes the results file and docs/RESULTS.md")
+    table.add_argument("--config", required=True, help="table YAML, e.g. configs/table.yaml")
+    table.add_argument("--rows", help="comma-separated row names to run (default: all); every row is reported")
+    table.add_argument("--seeds", type=int, help="seeds per row instead of each row's own count")
+    table.add_argument("--verbose", action="store_true", help="as for train; also Ray Tune's status table")
+    table.add_argument("overrides", nargs="*", help="dotted key=value overrides of the table, e.g. "
+                                                    "shared.train.max_steps=20 rows.b2.seeds=3")
+    table.set_defaults(func=cmd_table)
+
+    analyse = sub.add_parser("analyse", help="a run's dev confusion matrix, worst examples and gradient conflicts")
+    analyse.add_argument("--run", required=True, help="a train run's folder (its best checkpoint is analysed)")
+    analyse.add_argument("--out", required=True, help="folder for the PNG, Markdown and JSON files")
+    analyse.add_argument("--num-worst", type=int, default=10, help="examples per task (default 10)")
+    analyse.set_defaults(func=cmd_analyse)
 
     export = sub.add_parser("export", help="write a Hugging Face BERT folder (AutoModel.from_pretrained loads it) "
                                             "or a sentence-transformers one (SentenceTransformer loads it)")

@@ -1,0 +1,244 @@
+"""The driver of `dist-minbert table`: each (row, seed) is a Ray Tune trial that runs one full `dist-minbert train`
+job through the same launcher (SimCSE first for a row that names a pretraining), so a cluster runs as many rows
+at once as its CPUs (or GPUs) hold groups of workers.
+
+A stopped table resumes two ways:
+- Within a machine, Tune's experiment under `<output_dir>/tune/` is restored (`Tuner.restore`) when it holds the
+  runs still wanted: its finished trials stay finished, an interrupted one starts again, and its train run
+  continues from the run's latest checkpoint.
+- Anywhere, the results file (committed) records every finished run with its fingerprint; a table started in a
+  fresh checkout or output folder runs only what is not recorded.
+The results file and RESULTS.md are written by a Tune callback in this process after each finished trial, so a
+kill loses only the runs in flight. At the end, the best run of `best_of` is analysed and predicts the test sets.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+from ray.tune import Callback
+
+from dist_minbert.config_loader import to_plain
+from dist_minbert.table.config import TableConfig, Trial, load_table_config, trial_config, trials
+from dist_minbert.table.report import write_report
+from dist_minbert.table.results import Results, finished_record, machine_description, trial_record
+from launch import output
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_FILE = "experiment.json"  # in <output_dir>/tune: the Tune experiment's name and its trials' fingerprints
+# A trial only waits on its Train workers, which hold the CPUs: a CPU of its own would leave a 2-CPU machine one
+# short of a 2-worker group. Tune refuses an empty request, hence one byte of memory.
+TRIAL_RESOURCES = {"CPU": 0, "memory": 1}
+
+
+def run_table(config_path: str, overrides: list[str], rows: list[str] | None = None,
+              seeds: int | None = None) -> dict:
+    """Runs what the results file lacks, rewrites RESULTS.md, analyses the best run; returns counts and paths."""
+    table = load_table_config(config_path, overrides)
+    results = Results.load(table.results)
+    selected = trials(table, rows, seeds)
+    pending = [t for t in selected if not results.finished(t)]
+    log.info("table %s: %d runs selected, %d recorded in %s, %d to run", config_path, len(selected),
+             len(selected) - len(pending), table.results, len(pending))
+    errors = _run_trials(table, pending, _Recorder(config_path, overrides)) if pending else {}
+    results = Results.load(table.results)
+    unfinished = [t.key for t in pending if not results.finished(t)]
+    best = _analyse_best(table, results)
+    write_report(table, results, config_path, table.report)
+    return {"selected": len(selected), "ran": len(pending) - len(unfinished), "unfinished": unfinished,
+            "errors": errors, "best": best, "results": table.results, "report": table.report}
+
+
+class _Recorder(Callback):
+    """Tune callback (in the driver): a finished trial's record into the results file, RESULTS.md rewritten.
+
+    It holds only what locates the table: Tune pickles it into the experiment and `Tuner.restore` brings back
+    that copy, so everything else is read anew at each trial.
+    """
+
+    def __init__(self, config_path: str, overrides: list[str]) -> None:
+        self.config_path, self.overrides = config_path, list(overrides)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        table = load_table_config(self.config_path, self.overrides)
+        results = Results.load(table.results)
+        payload = trial.config["trial"]
+        if result.get("pretrain_summary"):
+            results.record(finished_record(payload["pretrain"]["record"], json.loads(result["pretrain_summary"]),
+                                           result["machine"]))
+        record = finished_record(payload["record"], json.loads(result["summary"]), result["machine"])
+        results.record(record)
+        write_report(table, results, self.config_path, table.report)
+        score = record["score"]
+        log.info("table: %s finished, score %s, %.1f min", record["key"],
+                 "n/a" if score is None else f"{score:.4f}", record["wall_s"] / 60)
+
+
+def run_trial(config: dict) -> None:
+    """One Tune trial: the row's pretraining if its encoder is not there yet, then the row's train run; reports
+    the runs' summaries (the driver's callback records them)."""
+    from ray import tune
+
+    from dist_minbert.config import config_from_dict
+
+    payload = config["trial"]
+    pretrain_summary = _pretrain_once(payload["pretrain"]) if payload["pretrain"] else None
+    cfg = config_from_dict(payload["config"])
+    summary = _run_resumable(cfg, "train")
+    tune.report({"score": summary.get("best_score") or math.nan, "summary": json.dumps(summary),
+                 "pretrain_summary": json.dumps(pretrain_summary) if pretrain_summary else "",
+                 "machine": machine_description()})
+
+
+def _pretrain_once(pretrain: dict) -> dict | None:
+    """The SimCSE run unless its encoder exists; rows at the same seed share it (a lock file keeps two trials
+    from running it at once). Returns its summary when this trial ran it."""
+    import fcntl
+
+    from dist_minbert.config import simcse_config_from_dict
+
+    cfg = simcse_config_from_dict(pretrain["config"])
+    out = Path(cfg.train.output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "summary.json").exists() and (out / "encoder" / "config.json").exists():
+            return None
+        return _run_resumable(cfg, "simcse")
+
+
+def _run_resumable(cfg, kind: str) -> dict:
+    """The job through the launcher, continuing from its run folder's latest checkpoint if an earlier attempt
+    (an interrupted table) left one."""
+    from dist_minbert.engine.run_storage import RunStorage
+    from launch.ray_run import run_simcse, run_training
+
+    if RunStorage(cfg.train.output_dir, cfg.train.local_dir).has_checkpoint():
+        cfg.checkpoint.resume = "latest"
+        log.warning("%s: resuming from the run's latest checkpoint", cfg.train.output_dir)
+    return (run_simcse if kind == "simcse" else run_training)(cfg)
+
+
+def _payload(trial: Trial, table_output: str) -> dict:
+    """What a trial carries: the resolved run configs (the trial's working folder is Tune's, not ours) and the
+    records' known part."""
+    payload = {"key": trial.key, "config": to_plain(trial_config(trial, table_output)),
+               "record": trial_record(trial, table_output), "pretrain": None}
+    if trial.pretrain is not None:
+        payload["pretrain"] = {"config": to_plain(trial_config(trial.pretrain, table_output)),
+                               "record": trial_record(trial.pretrain, table_output)}
+    return payload
+
+
+def _trial_name(trial) -> str:
+    return trial.config["trial"]["key"].replace("/", "-")
+
+
+def _run_trials(table: TableConfig, pending: list[Trial], recorder: _Recorder) -> dict[str, str]:
+    """The pending trials on Ray Tune (restoring this machine's experiment when it holds them); returns the
+    errors of failed trials, by key."""
+    from ray import tune
+
+    from launch.ray_run import connect
+
+    configs = [trial_config(t, table.output_dir) for t in pending]
+    connect(configs[0].workers.address)
+    storage = Path(table.output_dir).resolve() / "tune"
+    wanted = {t.key: t.fingerprint for t in pending}
+    trainable = tune.with_resources(run_trial, TRIAL_RESOURCES)
+    name = _restorable(storage, wanted, Results.load(table.results))
+    if name:
+        log.info("table: restoring the Tune experiment %s", storage / name)
+        tuner = tune.Tuner.restore(str(storage / name), trainable, resume_errored=True)
+    else:
+        name = f"table-{time.strftime('%Y%m%d-%H%M%S')}"
+        storage.mkdir(parents=True, exist_ok=True)
+        (storage / EXPERIMENT_FILE).write_text(json.dumps({"name": name, "trials": wanted}, indent=1))
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([_payload(t, table.output_dir) for t in pending])},
+            tune_config=tune.TuneConfig(max_concurrent_trials=_max_concurrent(configs),
+                                        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[recorder],
+                                      verbose=1 if output.is_verbose() else 0))
+    grid = tuner.fit()
+    return {result.config["trial"]["key"]: str(result.error).splitlines()[0] for result in grid if result.error}
+
+
+def _restorable(storage: Path, wanted: dict[str, str], results: Results) -> str:
+    """The name of this machine's Tune experiment if it holds every wanted trial as it stands and nothing else
+    unfinished (a changed table starts a new one); "" otherwise."""
+    from ray import tune
+
+    try:
+        stored = json.loads((storage / EXPERIMENT_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return ""
+    if not tune.Tuner.can_restore(str(storage / stored["name"])):
+        return ""
+    held = stored["trials"]
+    extra = {key for key in held if key not in wanted and not (key in results.records and
+                                                                 results.records[key]["fingerprint"] == held[key])}
+    covered = all(held.get(key) == fingerprint for key, fingerprint in wanted.items())
+    return stored["name"] if covered and not extra else ""
+
+
+def _max_concurrent(configs) -> int:
+    """Trials at once: as many worker groups as the cluster's CPUs (and GPUs) hold, at least one."""
+    import ray
+
+    resources = ray.cluster_resources()
+    fits = []
+    for cfg in configs:
+        workers = cfg.workers
+        fits.append(int(resources.get("CPU", 0) // (workers.num_workers * workers.cpus_per_worker)))
+        if workers.use_gpu:
+            fits.append(int(resources.get("GPU", 0) // workers.num_workers))
+    return max(1, min(fits))
+
+
+def _analyse_best(table: TableConfig, results: Results) -> dict | None:
+    """The best finished run of `best_of` whose folder is here: its analysis and test-set predictions into
+    `analysis_dir`, recorded as the results file's `best` (kept as it is when nothing better is here)."""
+    from dist_minbert.analysis.run_analysis import analyse_run
+
+    records = [r for r in results.finished_records(trials(table, table.best_of) if table.best_of else [])
+               if r["score"] is not None and (Path(r["run_dir"]) / "checkpoints").is_dir()]
+    if not records:
+        return results.best
+    best = max(records, key=lambda r: r["score"])
+    if results.best and results.best["key"] == best["key"] and results.best["fingerprint"] == best["fingerprint"] \
+            and all(Path(p).exists() for p in [*results.best["analysis"].values(), *results.best["predictions"].values()]):
+        return results.best
+    out = Path(table.analysis_dir)
+    log.info("table: analysing the best run of %s, %s (score %.4f)", ", ".join(table.best_of), best["key"],
+             best["score"])
+    analysis = analyse_run(best["run_dir"], out)
+    predictions, files = _predict_tests(best["run_dir"], table.predict_tasks, out / "predictions")
+    commands = [f"dist-minbert analyse --run {best['run_dir']} --out {out}"]
+    if files:
+        commands.append(f"dist-minbert predict {best['run_dir']} "
+                        f"{' '.join(f'{t}={os.path.relpath(p)}' for t, p in files)} --out {out / 'predictions'}")
+    results.set_best({"key": best["key"], "fingerprint": best["fingerprint"], "row": best["row"],
+                      "seed": best["seed"], "score": best["score"], "run_dir": best["run_dir"],
+                      "analysis": analysis, "predictions": predictions, "commands": commands})
+    return results.best
+
+
+def _predict_tests(run_dir: str, tasks: list[str], out: Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """`dist-minbert predict` on the run's test files of `tasks`: (task → written file, the (task, test file)s)."""
+    import contextlib
+    import sys
+
+    from dist_minbert.engine.checkpoint_io import load_trained_model
+    from dist_minbert.engine.inference import predict_files
+
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's import-time notices
+        cfg, model = load_trained_model(run_dir)
+    files = [(t, cfg.data.resolve(cfg.tasks[t].test)) for t in tasks if t in cfg.tasks and cfg.tasks[t].test]
+    return dict(predict_files(model, cfg, files, out)), files

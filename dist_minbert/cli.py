@@ -196,6 +196,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from dist_minbert.bench.simcse import SimCSEBenchConfig, run_simcse_benchmark
 
         report = run_simcse_benchmark(SimCSEBenchConfig(num_lines=args.lines))
+    elif args.what == "encoder":
+        from dist_minbert.bench.encoder import EncoderBenchConfig, run_encoder_benchmark
+
+        report = run_encoder_benchmark(EncoderBenchConfig(threads=args.threads))
     elif args.what == "scaling":
         from launch.bench_scaling import run_scaling_benchmark
 
@@ -346,10 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     scale.set_defaults(func=cmd_scale)
 
     bench = sub.add_parser("bench", help="benchmarks: figures measured side by side, as one JSON object")
-    bench.add_argument("what", choices=["data", "pcgrad", "simcse", "scaling"])
+    bench.add_argument("what", choices=["data", "pcgrad", "simcse", "scaling", "encoder"])
     bench.add_argument("--json", action="store_true", help="one line of JSON")
     bench.add_argument("--lines", type=int, default=1_000_000, help="bench data|simcse: corpus lines to generate")
     bench.add_argument("--engine", choices=["local", "ray"], default="local", help="bench data: the prepare engine")
+    bench.add_argument("--threads", type=int, default=2, help="bench encoder: torch threads of both sides (default 2)")
     bench.add_argument("--verbose", action="store_true", help="bench pcgrad|scaling: also Ray's and DeepSpeed's "
                                                              "log lines")
     bench.set_defaults(func=cmd_bench)

@@ -311,3 +311,45 @@ def test_an_unknown_pooling_is_refused_by_the_loader_naming_the_key():
 
     with pytest.raises(ConfigError, match="model.pooling.*allowed: 'cls', 'pooler', 'mean'"):
         load_config(None, ["model.pooling=max"])
+
+
+@pytest.fixture(scope="module")
+def hf_sdpa_train_model() -> transformers.BertModel:
+    """The peer of `bench encoder` (SDPA attention) in train mode with dropout 0."""
+    return transformers.BertModel.from_pretrained(
+        resolve_checkpoint("embedded"), attn_implementation="sdpa", hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    ).train()  # fmt: skip
+
+
+@pytest.mark.parametrize("make_batch", [None, _unpadded_batch], ids=["padded", "no_padding"])
+def test_training_step_under_bf16_autocast_matches_transformers(
+    train_encoder, hf_sdpa_train_model, hf_tokenizer, batch, loss_weights, make_batch
+):
+    """bf16 autocast (CPU), as `bench encoder` times it: both round the same matmul inputs to bf16, so outputs and
+    gradients agree to bf16's resolution (8 bits of mantissa), on the padding skip and on the all-real path."""
+    edge = make_batch(hf_tokenizer, batch) if make_batch else batch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, grads = _our_step(train_encoder, edge, loss_weights)
+        expected, expected_grads = _hf_step(hf_sdpa_train_model, edge, loss_weights)
+    real = edge["attention_mask"].bool()
+    hidden_error = (ours.last_hidden_state[real].float() - expected.last_hidden_state[real].float()).abs().max()
+    pooled_error = (ours.pooler_output.float() - expected.pooler_output.float()).abs().max()
+    scale = max(g.abs().max().item() for g in expected_grads.values())
+    grad_error = max((grads[k] - expected_grads[k]).abs().max().item() for k in expected_grads)
+    assert ours.last_hidden_state.dtype == expected.last_hidden_state.dtype
+    assert hidden_error < 1e-2 and pooled_error < 1e-2  # measured: 0 (the same roundings in the same order)
+    assert grad_error < 1e-2 * scale  # measured: 6e-4 (padded), 1.2e-3 (no padding) of the largest gradient
+
+
+def test_attention_dropout_path_keeping_everything_matches_the_sdpa_path(train_encoder, hf_tokenizer, batch,
+                                                                         loss_weights):
+    """A training step with dropout on takes our attention (its own weights dropout) instead of SDPA's kernel;
+    with p so small that nothing is dropped, it must compute what SDPA computes, padded or not."""
+    nearly_zero = load_encoder("embedded", dropout=1e-15).train()
+    assert all(layer.attn.dropout_p > 0 for layer in nearly_zero.layers)
+    for edge in (batch, _unpadded_batch(hf_tokenizer, batch)):
+        expected, expected_grads = _our_step(train_encoder, edge, loss_weights)
+        ours, grads = _our_step(nearly_zero, edge, loss_weights)
+        _assert_outputs_match(ours, expected, edge["attention_mask"])
+        _assert_grads_match(grads, expected_grads, rtol=1e-5)

@@ -45,6 +45,7 @@ from datetime import timedelta
 from multiprocessing import get_context
 from pathlib import Path
 
+from dist_minbert.bench.flops import forward_flops_per_token
 from dist_minbert.data.bench import _rss_mb
 from dist_minbert.data.config import DataConfig
 
@@ -354,14 +355,8 @@ def paired_ratio(corpus: dict, key: str = "step_s_all") -> float:
 
 # -- projection --------------------------------------------------------------------------------------------------
 def train_flops_per_sentence(bert: dict, tokens: float) -> float:
-    """FLOPs of one SimCSE training sentence: two views, forward (2 per multiply-add) and backward (2× forward).
-
-    Per token and layer the forward costs 2·(4H² + 2HI) in the projections and MLP and 4·T·H in attention
-    (scores and weighted sum over T tokens); embeddings, norms and the loss are left out (< 1%).
-    """
-    hidden, inner, layers = bert["hidden_size"], bert["intermediate_size"], bert["num_hidden_layers"]
-    forward_per_token = layers * (2 * (4 * hidden**2 + 2 * hidden * inner) + 4 * tokens * hidden)
-    return 2 * 3 * tokens * forward_per_token
+    """FLOPs of one SimCSE training sentence: two views, each a forward and a backward (2× the forward)."""
+    return 2 * 3 * tokens * forward_flops_per_token(bert, tokens)
 
 
 def ring_all_gather_s(num_ranks: int, bytes_per_rank: float, gb_s: float, latency_us: float) -> float:

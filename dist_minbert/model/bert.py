@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_minbert.model.dropout import Dropout, dropout
+
 INIT_STD = 0.02  # BERT's initializer_range; only matters for encoders not loaded from a checkpoint
 
 
@@ -98,7 +100,7 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Token vectors of any index shape (...,) -> (..., H)."""
@@ -114,20 +116,35 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:
         """x: (N, H) computed tokens -> (N, H)."""
         B, T, H = layout.batch, layout.length, x.size(-1)
-        q, k, v = layout.to_grid(self.qkv(x)).split(H, dim=2)  # each (B, T, H)
-        q = q.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2)  # (B, nh, T, hs)
+        heads = layout.to_grid(self.qkv(x)).view(B, T, 3, self.num_heads, H // self.num_heads)
+        q, k, v = heads.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs), views
         # softmax(q k^T / sqrt(hs)) v over real keys only; padding keys get weight exactly 0.
-        # On CPU, dropout_p > 0 falls back from the flash kernel to the math one (~2x the attention time).
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask, dropout_p=self.dropout_p if self.training else 0.0
-        )  # (B, nh, T, hs)
+        if self.training and self.dropout_p > 0 and x.device.type == "cpu":
+            y = _attention_with_dropout(q, k, v, key_mask, self.dropout_p)
+        else:  # CPU: the flash kernel; CUDA: its kernels, with their own dropout
+            p = self.dropout_p if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)  # (B, nh, T, hs)
         y = layout.from_grid(y.transpose(1, 2).reshape(B, T, H))  # (N, H): heads side by side
         return self.proj(y)
+
+
+def _attention_with_dropout(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, p: float
+) -> torch.Tensor:
+    """SDPA's math path with our dropout on the weights; CPU SDPA with dropout_p > 0 takes the math path too,
+    with torch's slow mask (dropout.py) and a fully-masked-row check no BERT batch needs (every row has [CLS])."""
+    B, nh, T, hs = q.shape
+    q, k, v = (t.reshape(B * nh, T, hs) for t in (q, k, v))
+    if key_mask is None:
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(hs**-0.5)
+    else:
+        bias = torch.zeros(B, 1, T, dtype=q.dtype, device=q.device).masked_fill_(~key_mask.view(B, 1, T), -torch.inf)
+        scores = torch.baddbmm(bias.repeat_interleave(nh, 0), q, k.transpose(1, 2), alpha=hs**-0.5)
+    weights = dropout(torch.softmax(scores, dim=-1), p, training=True)  # (B * nh, T, T)
+    return torch.bmm(weights, v).view(B, nh, T, hs)
 
 
 class MLP(nn.Module):
@@ -149,9 +166,9 @@ class Block(nn.Module):
         self.attn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
         self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:
         x = self.attn_norm(x + self.dropout(self.attn(x, key_mask, layout)))  # (N, H)
         return self.mlp_norm(x + self.dropout(self.mlp(x)))  # (N, H)
 
@@ -179,12 +196,13 @@ class BertEncoder(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         B, T = input_ids.shape
-        key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): True where the key is a real token
+        real = attention_mask.bool()  # (B, T)
+        every_token_real = bool(real.all())  # a CPU-GPU sync point, once per forward
+        key_mask = None if every_token_real else real[:, None, None, :]  # (B, 1, 1, T): True where the key is real
         # A training step (train mode, autograd recording) skips padding: ~2x faster on CS224N batches, and
         # nothing reads those outputs. Otherwise every position is computed, exactly as BertModel does.
-        # nonzero() is a CPU-GPU sync point, once per forward.
-        skip_padding = self.training and torch.is_grad_enabled()
-        index = attention_mask.reshape(-1).nonzero().squeeze(1) if skip_padding else None  # (N,)
+        skip_padding = self.training and torch.is_grad_enabled() and not every_token_real
+        index = real.reshape(-1).nonzero().squeeze(1) if skip_padding else None  # (N,)
         layout = TokenLayout(B, T, index)
         positions = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
         x = self.embeddings(*map(layout.from_grid, (input_ids, token_type_ids, positions)))  # (N, H)

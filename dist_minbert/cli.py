@@ -247,18 +247,18 @@ def cmd_table(args: argparse.Namespace) -> int:
 
     _set_verbose(args.verbose)
     rows = [r for r in args.rows.split(",") if r] if args.rows else None
-    result = run_table(args.config, args.overrides, rows, args.seeds)
+    result = run_table(args.config, args.overrides, rows, args.seeds, args.report_only)
     print(f"\n== dist-minbert table: {result['ran']} run, {result['selected'] - result['ran'] - len(result['unfinished'])}"
-          f" already recorded, {len(result['unfinished'])} unfinished ==")
+          f" already recorded, {len(result['unfinished'])} {'pending' if args.report_only else 'unfinished'} ==")
     for key, error in result["errors"].items():
         print(f"failed       {key}: {error}")
-    if result["unfinished"]:
+    if result["unfinished"] and not args.report_only:
         print(f"unfinished   {', '.join(result['unfinished'])} (the same command resumes them)")
     print(f"results      {result['results']}\nreport       {result['report']}")
     if result["best"]:
         print(f"best run     {result['best']['run_dir']} (score {result['best']['score']:.4f}): analysis and "
               f"test predictions in RESULTS.md")
-    return 1 if result["unfinished"] else 0
+    return 1 if result["unfinished"] and not args.report_only else 0
 
 
 def cmd_analyse(args: argparse.Namespace) -> int:
@@ -364,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--config", required=True, help="table YAML, e.g. configs/table.yaml")
     table.add_argument("--rows", help="comma-separated row names to run (default: all); every row is reported")
     table.add_argument("--seeds", type=int, help="seeds per row instead of each row's own count")
+    table.add_argument("--report-only", action="store_true", help="run nothing: rewrite RESULTS.md from the "
+                                                                  "results file (after editing the notes)")
     table.add_argument("--verbose", action="store_true", help="as for train; also Ray Tune's status table")
     table.add_argument("overrides", nargs="*", help="dotted key=value overrides of the table, e.g. "
                                                     "shared.train.max_steps=20 rows.b2.seeds=3")

@@ -37,20 +37,21 @@ TRIAL_RESOURCES = {"CPU": 0, "memory": 1}
 
 
 def run_table(config_path: str, overrides: list[str], rows: list[str] | None = None,
-              seeds: int | None = None) -> dict:
-    """Runs what the results file lacks, rewrites RESULTS.md, analyses the best run; returns counts and paths."""
+              seeds: int | None = None, report_only: bool = False) -> dict:
+    """Runs what the results file lacks (nothing if `report_only`), analyses the best run, rewrites RESULTS.md;
+    returns counts and paths."""
     table = load_table_config(config_path, overrides)
     results = Results.load(table.results)
     selected = trials(table, rows, seeds)
-    pending = [t for t in selected if not results.finished(t)]
+    pending = [] if report_only else [t for t in selected if not results.finished(t)]
     log.info("table %s: %d runs selected, %d recorded in %s, %d to run", config_path, len(selected),
-             len(selected) - len(pending), table.results, len(pending))
+             sum(results.finished(t) for t in selected), table.results, len(pending))
     errors = _run_trials(table, pending, _Recorder(config_path, overrides)) if pending else {}
     results = Results.load(table.results)
-    unfinished = [t.key for t in pending if not results.finished(t)]
+    unfinished = [t.key for t in selected if not results.finished(t)]
     best = _analyse_best(table, results)
     write_report(table, results, config_path, table.report)
-    return {"selected": len(selected), "ran": len(pending) - len(unfinished), "unfinished": unfinished,
+    return {"selected": len(selected), "ran": sum(results.finished(t) for t in pending), "unfinished": unfinished,
             "errors": errors, "best": best, "results": table.results, "report": table.report}
 
 
@@ -107,9 +108,28 @@ def _pretrain_once(pretrain: dict) -> dict | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / "summary.json").exists() and (out / "encoder" / "config.json").exists():
-            return None
-        return _run_resumable(cfg, "simcse")
+        return None if _pretrained(out) else _run_resumable(cfg, "simcse")
+
+
+def _pretrained(out: Path) -> bool:
+    """A finished SimCSE run with its encoder/ folder (what the row's model.checkpoint names)."""
+    return (out / "summary.json").exists() and (out / "encoder" / "config.json").exists()
+
+
+def _check_corpora(pending: list[Trial], table_output: str) -> None:
+    """A pretraining still to run needs its corpus shards: said here, not as every worker's error."""
+    from dist_minbert.config_loader import ConfigError
+    from dist_minbert.data.shards import MANIFEST
+
+    for trial in {t.pretrain for t in pending if t.pretrain is not None}:
+        if _pretrained(Path(trial.output_dir(table_output))):
+            continue
+        corpus = trial_config(trial, table_output).simcse.corpus
+        if "://" not in corpus and not (Path(corpus) / MANIFEST).exists():
+            raise ConfigError(
+                f"pretrains.{trial.row}: simcse.corpus {corpus} holds no prepared shards (no {MANIFEST}); first: "
+                f"dist-minbert corpus --out runs/corpus/sentences.txt && dist-minbert prepare --config "
+                f"{trial.config} --corpus runs/corpus/sentences.txt --out {os.path.relpath(corpus)}")
 
 
 def _run_resumable(cfg, kind: str) -> dict:
@@ -146,6 +166,7 @@ def _run_trials(table: TableConfig, pending: list[Trial], recorder: _Recorder) -
 
     from launch.ray_run import connect
 
+    _check_corpora(pending, table.output_dir)
     configs = [trial_config(t, table.output_dir) for t in pending]
     connect(configs[0].workers.address)
     storage = Path(table.output_dir).resolve() / "tune"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from dist_minbert.analysis.dev_errors import confusion_matrix, dev_outputs, plot
 from dist_minbert.bench.scale_report import read_scalars
 from dist_minbert.observe.progress import progress_bar
 from dist_minbert.tasks.config import objective_for
+
+log = logging.getLogger(__name__)
 
 NUM_WORST = 10  # examples per task
 
@@ -29,7 +32,7 @@ def analyse_run(run_dir: str | Path, out: str | Path, num_worst: int = NUM_WORST
     if not hasattr(cfg, "tasks"):
         raise ValueError(f"{run_dir}: a SimCSE run has no task heads to analyse; allowed: a `train` run's folder")
     tasks = [t for t, spec in cfg.tasks.items() if spec.dev and objective_for(spec) != "simcse"]
-    written, sections = {}, [f"# The dev examples the model gets most wrong", "", f"Run `{run_dir}`, its best "
+    written, sections = {}, ["# The dev examples the model gets most wrong", "", f"Run `{run_dir}`, its best "
                              f"checkpoint; {num_worst} per task.", ""]
     bar = progress_bar(len(tasks), "dev sets", stream=sys.stderr)
     for task in tasks:
@@ -45,9 +48,12 @@ def analyse_run(run_dir: str | Path, out: str | Path, num_worst: int = NUM_WORST
     (out / "worst_examples.md").write_text("\n".join(sections))
     written["dev examples the model gets most wrong"] = str(out / "worst_examples.md")
     series = conflict_series(read_scalars(run_dir / "tensorboard"), tasks)
-    if any(points["steps"] for points in series.values()):
-        plot_conflicts(series, out / "conflicts.png")
-        (out / "conflicts.json").write_text(json.dumps(conflict_fractions(series, cfg.observe.log_every), indent=1))
-        written["conflicting task gradients over training"] = str(out / "conflicts.png")
-        written["conflict fraction per task pair"] = str(out / "conflicts.json")
+    if not any(points["steps"] for points in series.values()):
+        log.info("%s: no logged step holds two tasks' gradients (no surgery, or one task a step): no conflict "
+                 "statistics", run_dir)
+        return written
+    plot_conflicts(series, out / "conflicts.png")
+    (out / "conflicts.json").write_text(json.dumps(conflict_fractions(series, cfg.observe.log_every), indent=1))
+    written["conflicting task gradients over training"] = str(out / "conflicts.png")
+    written["conflict fraction per task pair"] = str(out / "conflicts.json")
     return written

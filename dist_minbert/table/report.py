@@ -56,8 +56,8 @@ def _sections(table: TableConfig, results: Results, config_path: str, base: Path
     lines = [
         "# Results: the study's tables, rebuilt by `dist-minbert table`",
         "",
-        f"Written by `dist-minbert table --config {config_path}` from `{_rel(results.path, base)}` (the finished "
-        f"runs, committed): edit the table config's `notes`, not this file. A row without a finished run shows as "
+        f"Written by `dist-minbert table --config {config_path}` from [`{_rel(results.path, base)}`]"
+        f"({_rel(results.path, base)}) (the finished runs, committed): edit the table config's `notes`, not this file. A row without a finished run shows as "
         f"pending; a partly run row says how many of its seeds are in. Figures are the best dev evaluation of each "
         f"run (the checkpoint `predict` and `evaluate` use), mean ± standard deviation over seeds; the score is the "
         f"study's, (SST acc + QQP acc + (STS Pearson + 1) / 2) / 3.",
@@ -175,12 +175,11 @@ def _commands(table: TableConfig, results: Results) -> list[str]:
              "", "```bash"]
     seen_pretrains = set()
     for trial in trials(table):
-        record = results.records.get(trial.key)
         if trial.pretrain is not None and trial.pretrain.key not in seen_pretrains:
             seen_pretrains.add(trial.pretrain.key)
-            lines.append(trial.pretrain.command(table.output_dir))
-        status = "" if record and record.get("fingerprint") == trial.fingerprint else "   # pending"
-        lines.append(trial.command(table.output_dir) + status)
+            lines.append(trial.pretrain.command(table.output_dir) + ("" if results.finished(trial.pretrain)
+                                                                     else "   # pending"))
+        lines.append(trial.command(table.output_dir) + ("" if results.finished(trial) else "   # pending"))
     return [*lines, "```"]
 
 

@@ -353,3 +353,28 @@ def test_attention_dropout_path_keeping_everything_matches_the_sdpa_path(train_e
         ours, grads = _our_step(nearly_zero, edge, loss_weights)
         _assert_outputs_match(ours, expected, edge["attention_mask"])
         _assert_grads_match(grads, expected_grads, rtol=1e-5)
+
+
+def test_attention_dropout_zeroes_weights_and_rescales_through_the_projection(batch):
+    """The CPU dropout path against the definition: softmax(q k^T / sqrt(hs) + mask), each weight zeroed with
+    probability p else divided by 1 - p (the same draws, replayed from the seed), times v, then the projection."""
+    from dist_minbert.model.bert import TokenLayout
+    from dist_minbert.model.dropout import drop_mask
+
+    p = 0.3
+    attention = load_encoder("embedded", dropout=p).layers[0].attn.train()
+    B, T = batch["input_ids"].shape
+    H, nh = attention.proj.in_features, attention.num_heads
+    x = torch.randn(B * T, H, generator=torch.Generator().manual_seed(0))
+    real = batch["attention_mask"].bool()
+    torch.manual_seed(11)
+    ours = attention(x, real[:, None, None, :], TokenLayout(B, T, None))
+    with torch.no_grad():
+        q, k, v = attention.qkv(x).view(B, T, 3, nh, H // nh).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / (H // nh) ** 0.5 + torch.where(real, 0.0, -torch.inf)[:, None, None, :]
+        torch.manual_seed(11)
+        dropped = drop_mask(torch.Size([B * nh, T, T]), p, torch.device("cpu")).view(B, nh, T, T)
+        weights = torch.softmax(scores, dim=-1).masked_fill(dropped, 0.0) / (1 - p)
+        expected = attention.proj((weights @ v).transpose(1, 2).reshape(B * T, H))
+    assert 0.2 < dropped.float().mean() < 0.4
+    assert (ours - expected).abs().max() < 1e-5

@@ -1,4 +1,5 @@
-"""model/dropout.py: the keep mask is Bernoulli(1 - p), reproducible from torch's seed, and dropout scales as torch's."""
+"""model/dropout.py: the keep mask is Bernoulli(1 - p), reproducible from torch's seed; dropout (alone or fused with
+the residual add) scales as torch's does, bit for bit."""
 from __future__ import annotations
 
 import math
@@ -6,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dist_minbert.model.dropout import Dropout, dropout, keep_mask
+from dist_minbert.model.dropout import Dropout, drop_mask, keep_mask, scaled_keep_mask
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -43,23 +44,57 @@ def test_tiny_p_drops_next_to_nothing():
     assert keep_mask(torch.Size([100_000]), 1e-15, torch.device("cpu")).all()
 
 
-def test_dropout_zeroes_or_scales_as_torch_does():
+def test_drop_mask_is_the_keep_mask_complement():
+    shape = torch.Size([1000, 7])
+    torch.manual_seed(3)
+    kept = keep_mask(shape, 0.2, torch.device("cpu"))
+    torch.manual_seed(3)
+    assert torch.equal(drop_mask(shape, 0.2, torch.device("cpu")), ~kept)
+
+
+def test_scaled_mask_applies_as_torch_dropout_does():
+    """torch's dropout kernel on our mask (native_dropout_backward is x · mask · scale) gives the same bits."""
+    x = torch.randn(3, 4096)
+    torch.manual_seed(5)
+    factors = scaled_keep_mask(x.shape, 0.1, torch.device("cpu"))
+    torch.manual_seed(5)
+    kept = keep_mask(x.shape, 0.1, torch.device("cpu"))
+    assert factors.dtype == torch.float32
+    assert torch.equal(x * factors, torch.ops.aten.native_dropout_backward(x, kept, 1 / 0.9))
+
+
+def test_dropout_zeroes_or_scales_and_its_gradient_follows():
     torch.manual_seed(0)
     x = torch.randn(10_000, requires_grad=True)
-    y = dropout(x, 0.25, training=True)
+    y = Dropout(0.25).train()(x)
     kept = y != 0
     assert torch.allclose(y[kept], x[kept] / 0.75)
     y.sum().backward()
     assert torch.equal(x.grad, kept.float() / 0.75)  # the gradient passes the same mask, scaled alike
-    assert dropout(x, 0.25, training=False) is x and dropout(x, 0.0, training=True) is x
+
+
+def test_residual_form_is_the_residual_plus_the_dropout():
+    x = torch.randn(64, 33, requires_grad=True)
+    residual = torch.randn(64, 33, requires_grad=True)
+    module = Dropout(0.1).train()
+    torch.manual_seed(9)
+    fused = module(x, residual=residual)
+    torch.manual_seed(9)
+    separate = residual + module(x)
+    assert torch.allclose(fused, separate, rtol=0, atol=1e-6)
+    grads = torch.autograd.grad(fused.square().sum(), (x, residual))
+    expected = torch.autograd.grad(separate.square().sum(), (x, residual))
+    assert all(torch.allclose(g, e, atol=1e-5) for g, e in zip(grads, expected))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert module(x.bfloat16(), residual=residual).dtype == torch.float32  # as autocast's own residual add
 
 
 def test_dropout_module_is_an_nn_dropout_with_its_p():
     module = Dropout(0.3)
     assert isinstance(module, torch.nn.Dropout) and module.p == 0.3
-    x = torch.ones(1000)
-    assert module.eval()(x) is x
+    x, residual = torch.ones(1000), torch.zeros(1000)
+    assert module.eval()(x) is x and torch.equal(module(x, residual=residual), x)
+    assert Dropout(0.0).train()(x) is x
     torch.manual_seed(0)
-    out = module.train()(x)
-    values = out.unique()
+    values = module.train()(x).unique()
     assert len(values) == 2 and values[0] == 0 and values[1].item() == pytest.approx(1 / 0.7)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_minbert.model.dropout import Dropout, dropout
+from dist_minbert.model.dropout import Dropout, drop_mask
 
 INIT_STD = 0.02  # BERT's initializer_range; only matters for encoders not loaded from a checkpoint
 
@@ -122,28 +122,31 @@ class SelfAttention(nn.Module):
         heads = layout.to_grid(self.qkv(x)).view(B, T, 3, self.num_heads, H // self.num_heads)
         q, k, v = heads.permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs), views
         # softmax(q k^T / sqrt(hs)) v over real keys only; padding keys get weight exactly 0.
+        scale = 1.0  # of the heads' outputs, applied in the projection's matmul
         if self.training and self.dropout_p > 0 and x.device.type == "cpu":
             y = _attention_with_dropout(q, k, v, key_mask, self.dropout_p)
+            scale = 1.0 / (1.0 - self.dropout_p)
         else:  # CPU: the flash kernel; CUDA: its kernels, with their own dropout
             p = self.dropout_p if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=p)  # (B, nh, T, hs)
         y = layout.from_grid(y.transpose(1, 2).reshape(B, T, H))  # (N, H): heads side by side
-        return self.proj(y)
+        return torch.addmm(self.proj.bias, y, self.proj.weight.t(), alpha=scale)  # self.proj(y · scale)
 
 
 def _attention_with_dropout(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, p: float
 ) -> torch.Tensor:
-    """SDPA's math path with our dropout on the weights; CPU SDPA with dropout_p > 0 takes the math path too,
-    with torch's slow mask (dropout.py) and a fully-masked-row check no BERT batch needs (every row has [CLS])."""
+    """SDPA's math path (which CPU SDPA takes too when dropout_p > 0) with dropout.py's masks, less the dropout's
+    1/(1 - p): the caller scales the result. The weights are zeroed in one pass each way, and no pass checks for
+    rows with every key masked, which a BERT batch never has ([CLS] is real)."""
     B, nh, T, hs = q.shape
     q, k, v = (t.reshape(B * nh, T, hs) for t in (q, k, v))
     if key_mask is None:
-        scores = torch.bmm(q, k.transpose(1, 2)).mul_(hs**-0.5)
+        scores = torch.baddbmm(q.new_empty(()), q, k.transpose(1, 2), beta=0.0, alpha=hs**-0.5)
     else:
         bias = torch.zeros(B, 1, T, dtype=q.dtype, device=q.device).masked_fill_(~key_mask.view(B, 1, T), -torch.inf)
         scores = torch.baddbmm(bias.repeat_interleave(nh, 0), q, k.transpose(1, 2), alpha=hs**-0.5)
-    weights = dropout(torch.softmax(scores, dim=-1), p, training=True)  # (B * nh, T, T)
+    weights = torch.softmax(scores, dim=-1).masked_fill(drop_mask(scores.shape, p, q.device), 0.0)  # (B * nh, T, T)
     return torch.bmm(weights, v).view(B, nh, T, hs)
 
 
@@ -169,8 +172,8 @@ class Block(nn.Module):
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:
-        x = self.attn_norm(x + self.dropout(self.attn(x, key_mask, layout)))  # (N, H)
-        return self.mlp_norm(x + self.dropout(self.mlp(x)))  # (N, H)
+        x = self.attn_norm(self.dropout(self.attn(x, key_mask, layout), residual=x))  # (N, H)
+        return self.mlp_norm(self.dropout(self.mlp(x), residual=x))  # (N, H)
 
 
 class BertEncoder(nn.Module):

@@ -373,7 +373,7 @@ def test_attention_dropout_zeroes_weights_and_rescales_through_the_projection(ba
         q, k, v = attention.qkv(x).view(B, T, 3, nh, H // nh).permute(2, 0, 3, 1, 4)
         scores = q @ k.transpose(-1, -2) / (H // nh) ** 0.5 + torch.where(real, 0.0, -torch.inf)[:, None, None, :]
         torch.manual_seed(11)
-        dropped = drop_mask(torch.Size([B * nh, T, T]), p, torch.device("cpu")).view(B, nh, T, T)
+        dropped = drop_mask(torch.Size([B * nh, T, T]), p).view(B, nh, T, T)
         weights = torch.softmax(scores, dim=-1).masked_fill(dropped, 0.0) / (1 - p)
         expected = attention.proj((weights @ v).transpose(1, 2).reshape(B * T, H))
     assert 0.2 < dropped.float().mean() < 0.4

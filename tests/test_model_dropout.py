@@ -14,7 +14,7 @@ from dist_minbert.model.dropout import Dropout, drop_mask, keep_mask, scaled_kee
 def test_keep_mask_keeps_one_minus_p(p):
     torch.manual_seed(0)
     n = 1_000_001  # odd: the last element takes half of an int64 draw
-    kept = keep_mask(torch.Size([n]), p, torch.device("cpu"))
+    kept = keep_mask(torch.Size([n]), p)
     assert kept.dtype == torch.bool and kept.shape == (n,)
     sigma = math.sqrt(p * (1 - p) / n)
     assert abs(kept.float().mean().item() - (1 - p)) < 5 * sigma
@@ -23,7 +23,7 @@ def test_keep_mask_keeps_one_minus_p(p):
 def test_keep_mask_elements_are_independent():
     """Neighbours (the two halves of one 64-bit draw among them) are kept together as often as chance says."""
     torch.manual_seed(1)
-    kept = keep_mask(torch.Size([1_000_000]), 0.5, torch.device("cpu")).float()
+    kept = keep_mask(torch.Size([1_000_000]), 0.5).float()
     both = (kept[:-1] * kept[1:]).mean().item()
     assert abs(both - 0.25) < 5 * math.sqrt(0.25 * 0.75 / 1_000_000)
 
@@ -32,33 +32,33 @@ def test_masks_follow_torch_seed():
     """GradCache replays a chunk's dropout from the saved RNG state: the same state must give the same mask."""
     shape = torch.Size([64, 33])
     torch.manual_seed(7)
-    first = keep_mask(shape, 0.1, torch.device("cpu"))
-    second = keep_mask(shape, 0.1, torch.device("cpu"))
+    first = keep_mask(shape, 0.1)
+    second = keep_mask(shape, 0.1)
     torch.manual_seed(7)
-    assert torch.equal(keep_mask(shape, 0.1, torch.device("cpu")), first)
+    assert torch.equal(keep_mask(shape, 0.1), first)
     assert not torch.equal(first, second)
 
 
 def test_tiny_p_drops_next_to_nothing():
     torch.manual_seed(0)
-    assert keep_mask(torch.Size([100_000]), 1e-15, torch.device("cpu")).all()
+    assert keep_mask(torch.Size([100_000]), 1e-15).all()
 
 
 def test_drop_mask_is_the_keep_mask_complement():
     shape = torch.Size([1000, 7])
     torch.manual_seed(3)
-    kept = keep_mask(shape, 0.2, torch.device("cpu"))
+    kept = keep_mask(shape, 0.2)
     torch.manual_seed(3)
-    assert torch.equal(drop_mask(shape, 0.2, torch.device("cpu")), ~kept)
+    assert torch.equal(drop_mask(shape, 0.2), ~kept)
 
 
 def test_scaled_mask_applies_as_torch_dropout_does():
     """torch's dropout kernel on our mask (native_dropout_backward is x · mask · scale) gives the same bits."""
     x = torch.randn(3, 4096)
     torch.manual_seed(5)
-    factors = scaled_keep_mask(x.shape, 0.1, torch.device("cpu"))
+    factors = scaled_keep_mask(x.shape, 0.1)
     torch.manual_seed(5)
-    kept = keep_mask(x.shape, 0.1, torch.device("cpu"))
+    kept = keep_mask(x.shape, 0.1)
     assert factors.dtype == torch.float32
     assert torch.equal(x * factors, torch.ops.aten.native_dropout_backward(x, kept, 1 / 0.9))
 
@@ -98,3 +98,18 @@ def test_dropout_module_is_an_nn_dropout_with_its_p():
     torch.manual_seed(0)
     values = module.train()(x).unique()
     assert len(values) == 2 and values[0] == 0 and values[1].item() == pytest.approx(1 / 0.7)
+
+
+def test_masks_do_not_depend_on_the_thread_count():
+    """Each half of a mask has its own generator state, drawn from torch's: a helper thread changes no bit."""
+    shape = torch.Size([512, 1024])  # large enough for the helper thread
+    before = torch.get_num_threads()
+    try:
+        masks = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(4)
+            masks.append(drop_mask(shape, 0.1))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(*masks)

@@ -146,7 +146,7 @@ def _attention_with_dropout(
     else:
         bias = torch.zeros(B, 1, T, dtype=q.dtype, device=q.device).masked_fill_(~key_mask.view(B, 1, T), -torch.inf)
         scores = torch.baddbmm(bias.repeat_interleave(nh, 0), q, k.transpose(1, 2), alpha=hs**-0.5)
-    weights = torch.softmax(scores, dim=-1).masked_fill(drop_mask(scores.shape, p, q.device), 0.0)  # (B * nh, T, T)
+    weights = torch.softmax(scores, dim=-1).masked_fill(drop_mask(scores.shape, p), 0.0)  # (B * nh, T, T)
     return torch.bmm(weights, v).view(B, nh, T, hs)
 
 

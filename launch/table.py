@@ -31,6 +31,7 @@ from launch import output
 log = logging.getLogger(__name__)
 
 EXPERIMENT_FILE = "experiment.json"  # in <output_dir>/tune: the Tune experiment's name and its trials' fingerprints
+FINISHED_FILE = "table_trial.json"  # in a run folder the table finished: the trial's fingerprint
 # A trial only waits on its Train workers, which hold the CPUs: a CPU of its own would leave a 2-CPU machine one
 # short of a 2-worker group. Tune refuses an empty request, hence one byte of memory.
 TRIAL_RESOURCES = {"CPU": 0, "memory": 1}
@@ -89,31 +90,55 @@ def run_trial(config: dict) -> None:
 
     payload = config["trial"]
     pretrain_summary = _pretrain_once(payload["pretrain"]) if payload["pretrain"] else None
-    cfg = config_from_dict(payload["config"])
-    summary = _run_resumable(cfg, "train")
+    summary = _run_once(config_from_dict(payload["config"]), "train", payload["record"]["fingerprint"])
     tune.report({"score": summary.get("best_score") or math.nan, "summary": json.dumps(summary),
                  "pretrain_summary": json.dumps(pretrain_summary) if pretrain_summary else "",
                  "machine": machine_description()})
 
 
 def _pretrain_once(pretrain: dict) -> dict | None:
-    """The SimCSE run unless its encoder exists; rows at the same seed share it (a lock file keeps two trials
-    from running it at once). Returns its summary when this trial ran it."""
+    """The SimCSE run unless it is finished; rows at the same seed share it (a lock file keeps two trials from
+    running it at once). Returns its summary when this trial ran it."""
     import fcntl
 
     from dist_minbert.config import simcse_config_from_dict
 
     cfg = simcse_config_from_dict(pretrain["config"])
-    out = Path(cfg.train.output_dir)
+    out, fingerprint = Path(cfg.train.output_dir), pretrain["record"]["fingerprint"]
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return None if _pretrained(out) else _run_resumable(cfg, "simcse")
+        return None if _finished_summary(out, fingerprint) else _run_once(cfg, "simcse", fingerprint)
 
 
-def _pretrained(out: Path) -> bool:
-    """A finished SimCSE run with its encoder/ folder (what the row's model.checkpoint names)."""
-    return (out / "summary.json").exists() and (out / "encoder" / "config.json").exists()
+def _run_once(cfg, kind: str, fingerprint: str) -> dict:
+    """The job through the launcher, unless its run folder holds it finished (a restored Tune experiment can
+    start a trial again whose end its saved state had not caught); a run an interrupted table left behind
+    continues from its latest checkpoint. The finished run is marked with the trial's fingerprint."""
+    from dist_minbert.engine.run_storage import RunStorage
+    from launch.ray_run import run_simcse, run_training
+
+    out = Path(cfg.train.output_dir)
+    summary = _finished_summary(out, fingerprint)
+    if summary is not None:
+        log.info("%s: finished before, not run again", out)
+        return summary
+    if RunStorage(cfg.train.output_dir, cfg.train.local_dir).has_checkpoint():
+        cfg.checkpoint.resume = "latest"
+        log.warning("%s: resuming from the run's latest checkpoint", out)
+    summary = (run_simcse if kind == "simcse" else run_training)(cfg)
+    (out / FINISHED_FILE).write_text(json.dumps({"fingerprint": fingerprint}))
+    return summary
+
+
+def _finished_summary(out: Path, fingerprint: str) -> dict | None:
+    """summary.json of the run folder if a table trial of this fingerprint finished it there."""
+    try:
+        if json.loads((out / FINISHED_FILE).read_text())["fingerprint"] == fingerprint:
+            return json.loads((out / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError, KeyError):
+        pass
+    return None
 
 
 def _check_corpora(pending: list[Trial], table_output: str) -> None:
@@ -122,7 +147,7 @@ def _check_corpora(pending: list[Trial], table_output: str) -> None:
     from dist_minbert.data.shards import MANIFEST
 
     for trial in {t.pretrain for t in pending if t.pretrain is not None}:
-        if _pretrained(Path(trial.output_dir(table_output))):
+        if _finished_summary(Path(trial.output_dir(table_output)), trial.fingerprint):
             continue
         corpus = trial_config(trial, table_output).simcse.corpus
         if "://" not in corpus and not (Path(corpus) / MANIFEST).exists():
@@ -130,18 +155,6 @@ def _check_corpora(pending: list[Trial], table_output: str) -> None:
                 f"pretrains.{trial.row}: simcse.corpus {corpus} holds no prepared shards (no {MANIFEST}); first: "
                 f"dist-minbert corpus --out runs/corpus/sentences.txt && dist-minbert prepare --config "
                 f"{trial.config} --corpus runs/corpus/sentences.txt --out {os.path.relpath(corpus)}")
-
-
-def _run_resumable(cfg, kind: str) -> dict:
-    """The job through the launcher, continuing from its run folder's latest checkpoint if an earlier attempt
-    (an interrupted table) left one."""
-    from dist_minbert.engine.run_storage import RunStorage
-    from launch.ray_run import run_simcse, run_training
-
-    if RunStorage(cfg.train.output_dir, cfg.train.local_dir).has_checkpoint():
-        cfg.checkpoint.resume = "latest"
-        log.warning("%s: resuming from the run's latest checkpoint", cfg.train.output_dir)
-    return (run_simcse if kind == "simcse" else run_training)(cfg)
 
 
 def _payload(trial: Trial, table_output: str) -> dict:

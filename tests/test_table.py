@@ -50,7 +50,8 @@ class TableFiles:
                           "study": {"sst": 0.486, "qqp": 0.773, "sts": 0.31, "source": "Table 1"}},
                 "pcgrad": {"config": str(self.row_config), "overrides": {"surgery": {"mode": "pcgrad"}}},
             },
-            "shared": {"train": {"max_steps": 2}},
+            # One worker of 2 CPUs: one trial at a time on the 2-CPU Ray, and half the start-up of two workers.
+            "shared": {"train": {"max_steps": 2}, "workers": {"num_workers": 1, "cpus_per_worker": 2}},
             "output_dir": str(folder / "runs"), "results": str(folder / "results" / "table.json"),
             "report": str(folder / "RESULTS.md"), "analysis_dir": str(folder / "results"),
             "best_of": ["pcgrad"], "targets": {"row": "pcgrad", "sst": 0.5, "qqp": 0.8, "sts": 0.8},
@@ -90,6 +91,17 @@ def test_bad_table_config_names_the_key(files, tmp_path, capsys, change, overrid
 def test_unknown_row_on_the_command_line(files, tmp_path, capsys):
     assert main(["table", "--config", str(files.table(tmp_path)), "--rows", "plain,b9"]) == 2
     assert "--rows: 'b9' is not a row of the table; allowed: plain, pcgrad" in capsys.readouterr().err
+
+
+def test_pretraining_without_its_corpus_stops_before_ray(files, tiny_checkpoint, tmp_path, capsys):
+    simcse = tmp_path / "simcse.yaml"
+    simcse.write_text(yaml.safe_dump({"model": {"checkpoint": tiny_checkpoint},
+                                      "simcse": {"corpus": str(tmp_path / "no-corpus")}}))
+    table = files.table(tmp_path, pretrains={"simcse": {"config": str(simcse)}})
+    assert main(["table", "--config", str(table), "rows.pcgrad.pretrain=simcse", "--rows", "pcgrad"]) == 2
+    err = capsys.readouterr().err
+    assert f"pretrains.simcse: simcse.corpus {tmp_path / 'no-corpus'} holds no prepared shards" in err
+    assert "dist-minbert prepare --config" in err and not (tmp_path / "runs" / "tune").exists()
 
 
 @pytest.mark.parametrize("tree", [

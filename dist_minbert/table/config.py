@@ -84,6 +84,9 @@ class TableConfig:
     def __post_init__(self) -> None:
         if not self.rows:
             raise ValueError("rows: the table has no rows; allowed: a mapping of row name → {config, …}")
+        if "://" in self.output_dir:
+            raise ValueError(f"output_dir: {self.output_dir!r} is a URL; allowed: a local folder (shared storage on "
+                             f"a cluster), where Tune's experiment and the run folders live")
         reserved = [name for name in self.rows if name in RESERVED_NAMES or "/" in name]
         if reserved:
             raise ValueError(f"rows.{reserved[0]}: the name is a folder of the table's own or holds a '/'; "

@@ -131,7 +131,7 @@ def test_report_shows_unrun_and_stale_rows_as_pending(files, tmp_path):
     for trial, sst in ((plain0, 0.5), (plain1, 0.7)):
         results.records[trial.key] = {"key": trial.key, "row": "plain", "seed": trial.seed, "kind": "train",
                                       "fingerprint": trial.fingerprint, "dev": {**dev, "sst": {"accuracy": sst}},
-                                      "score": (sst + 0.8 + 0.8) / 3, "wall_s": 60.0 * (1 + trial.seed),
+                                      "score": (sst + 0.8 + 0.8) / 3, "wall_s": 60.0 * (1 + trial.seed), "steps": 40,
                                       "machine": "m", "commit": "c"}
     # Recorded under another budget: not this table's run.
     results.records[pcgrad.key] = {**results.records[plain0.key], "key": pcgrad.key, "row": "pcgrad",
@@ -139,7 +139,7 @@ def test_report_shows_unrun_and_stale_rows_as_pending(files, tmp_path):
     text = write_report(table, results, "table.yaml", tmp_path / "RESULTS.md")
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| p")}
     # SST 0.5 and 0.7: mean 0.6, sample standard deviation 0.1414; scores 0.7 and 0.7667.
-    assert "| 2 of 2 | 0.600 ± 0.141 | 0.800 ± 0.000 | 0.600 ± 0.000 | 0.733 ± 0.047 | 1.5 min |" in rows["plain"]
+    assert "| 2 of 2 | 0.600 ± 0.141 | 0.800 ± 0.000 | 0.600 ± 0.000 | 0.733 ± 0.047 | 1.5 min, 40 steps |" in rows["plain"]
     assert "| 0 of 1 | pending | pending | pending | pending |" in rows["pcgrad"]
     assert "| SST acc | 0.500 | pending | |" in text
     assert f"train.output_dir={tmp_path / 'runs' / 'pcgrad' / 'seed-0'}   # pending" in text

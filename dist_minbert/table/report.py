@@ -74,7 +74,7 @@ def _sections(table: TableConfig, results: Results, config_path: str, base: Path
         "",
         "## Dev results",
         "",
-        "| row | seeds | SST acc | QQP acc | STS Pearson | score | wall time per run | the study (SST / QQP / STS / score) |",
+        "| row | seeds | SST acc | QQP acc | STS Pearson | score | wall time and steps per run | the study (SST / QQP / STS / score) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in table.rows.items():
@@ -86,7 +86,8 @@ def _sections(table: TableConfig, results: Results, config_path: str, base: Path
             lines.append(f"| {label} | 0 of {row.seeds} | pending | pending | pending | pending | | {study} |")
             continue
         figures = row_figures(runs)
-        wall = f"{statistics.mean(r['wall_s'] for r in runs) / 60:.1f} min"
+        steps = sorted({r["steps"] for r in runs})
+        wall = f"{statistics.mean(r['wall_s'] for r in runs) / 60:.1f} min, {'/'.join(map(str, steps))} steps"
         pretrains = [results.records[r["pretrain"]]["wall_s"] for r in runs if r.get("pretrain") in results.records]
         if pretrains:
             wall += f" (after SimCSE: {statistics.mean(pretrains) / 60:.1f} min, once per seed)"

@@ -359,7 +359,7 @@ def test_attention_dropout_zeroes_weights_and_rescales_through_the_projection(ba
     """The CPU dropout path against the definition: softmax(q k^T / sqrt(hs) + mask), each weight zeroed with
     probability p else divided by 1 - p (the same draws, replayed from the seed), times v, then the projection."""
     from dist_minbert.model.bert import TokenLayout
-    from dist_minbert.model.dropout import drop_mask
+    from dist_minbert.model.dropout import keep_factors
 
     p = 0.3
     attention = load_encoder("embedded", dropout=p).layers[0].attn.train()
@@ -373,8 +373,8 @@ def test_attention_dropout_zeroes_weights_and_rescales_through_the_projection(ba
         q, k, v = attention.qkv(x).view(B, T, 3, nh, H // nh).permute(2, 0, 3, 1, 4)
         scores = q @ k.transpose(-1, -2) / (H // nh) ** 0.5 + torch.where(real, 0.0, -torch.inf)[:, None, None, :]
         torch.manual_seed(11)
-        dropped = drop_mask(torch.Size([B * nh, T, T]), p).view(B, nh, T, T)
-        weights = torch.softmax(scores, dim=-1).masked_fill(dropped, 0.0) / (1 - p)
+        kept = keep_factors(torch.Size([B * nh, T, T]), p).view(B, nh, T, T)
+        weights = torch.softmax(scores, dim=-1) * kept / (1 - p)
         expected = attention.proj((weights @ v).transpose(1, 2).reshape(B * T, H))
-    assert 0.2 < dropped.float().mean() < 0.4
+    assert 0.6 < kept.mean() < 0.8
     assert (ours - expected).abs().max() < 1e-5

@@ -1,5 +1,5 @@
-"""model/dropout.py: the keep mask is Bernoulli(1 - p), reproducible from torch's seed; dropout (alone or fused with
-the residual add) scales as torch's does, bit for bit."""
+"""model/dropout.py: the keep factors are Bernoulli(1 - p) times a value, reproducible from torch's seed and the
+same on 1 thread or 2; dropout (alone or fused with the residual add) scales as torch's does, bit for bit."""
 from __future__ import annotations
 
 import math
@@ -7,70 +7,85 @@ import math
 import pytest
 import torch
 
-from dist_minbert.model.dropout import Dropout, drop_mask, keep_mask, scaled_keep_mask
+from dist_minbert.model.dropout import Dropout, keep_factors
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
-def test_keep_mask_keeps_one_minus_p(p):
+def test_keep_factors_keep_one_minus_p(p):
     torch.manual_seed(0)
-    n = 1_000_001  # odd: the last element takes half of an int64 draw
-    kept = keep_mask(torch.Size([n]), p)
-    assert kept.dtype == torch.bool and kept.shape == (n,)
+    n = 1_000_001  # odd: the last element takes half of a 64-bit draw
+    factors = keep_factors(torch.Size([n]), p)
+    assert factors.dtype == torch.float32 and factors.shape == (n,)
+    assert set(factors.unique().tolist()) == {0.0, 1.0}
     sigma = math.sqrt(p * (1 - p) / n)
-    assert abs(kept.float().mean().item() - (1 - p)) < 5 * sigma
+    assert abs(factors.mean().item() - (1 - p)) < 5 * sigma
 
 
-def test_keep_mask_elements_are_independent():
+def test_kept_elements_are_independent():
     """Neighbours (the two halves of one 64-bit draw among them) are kept together as often as chance says."""
     torch.manual_seed(1)
-    kept = keep_mask(torch.Size([1_000_000]), 0.5).float()
+    kept = keep_factors(torch.Size([1_000_000]), 0.5)
     both = (kept[:-1] * kept[1:]).mean().item()
     assert abs(both - 0.25) < 5 * math.sqrt(0.25 * 0.75 / 1_000_000)
 
 
-def test_masks_follow_torch_seed():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_factors_hold_the_value_in_its_dtype(dtype):
+    torch.manual_seed(2)
+    factors = keep_factors(torch.Size([4096]), 0.1, 1 / 0.9, dtype)
+    assert factors.dtype == dtype
+    assert set(factors.unique().tolist()) == {0.0, torch.tensor(1 / 0.9, dtype=dtype).item()}
+
+
+def test_factors_follow_torch_seed():
     """GradCache replays a chunk's dropout from the saved RNG state: the same state must give the same mask."""
     shape = torch.Size([64, 33])
     torch.manual_seed(7)
-    first = keep_mask(shape, 0.1)
-    second = keep_mask(shape, 0.1)
+    first = keep_factors(shape, 0.1)
+    second = keep_factors(shape, 0.1)
     torch.manual_seed(7)
-    assert torch.equal(keep_mask(shape, 0.1), first)
+    assert torch.equal(keep_factors(shape, 0.1), first)
     assert not torch.equal(first, second)
+
+
+def test_factors_do_not_depend_on_the_thread_count():
+    """Each half has its own generator state, drawn from torch's: the helper thread changes no bit."""
+    shape = torch.Size([512, 1024])  # large enough for the helper thread
+    before = torch.get_num_threads()
+    try:
+        drawn = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(4)
+            drawn.append(keep_factors(shape, 0.1))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(*drawn)
 
 
 def test_tiny_p_drops_next_to_nothing():
     torch.manual_seed(0)
-    assert keep_mask(torch.Size([100_000]), 1e-15).all()
+    assert keep_factors(torch.Size([100_000]), 1e-15).all()
 
 
-def test_drop_mask_is_the_keep_mask_complement():
-    shape = torch.Size([1000, 7])
-    torch.manual_seed(3)
-    kept = keep_mask(shape, 0.2)
-    torch.manual_seed(3)
-    assert torch.equal(drop_mask(shape, 0.2), ~kept)
-
-
-def test_scaled_mask_applies_as_torch_dropout_does():
-    """torch's dropout kernel on our mask (native_dropout_backward is x · mask · scale) gives the same bits."""
+def test_dropout_applies_as_torch_dropout_does():
+    """torch's dropout kernel on the same mask (native_dropout_backward is x · mask · scale) gives the same bits."""
     x = torch.randn(3, 4096)
     torch.manual_seed(5)
-    factors = scaled_keep_mask(x.shape, 0.1)
+    ours = Dropout(0.1).train()(x)
     torch.manual_seed(5)
-    kept = keep_mask(x.shape, 0.1)
-    assert factors.dtype == torch.float32
-    assert torch.equal(x * factors, torch.ops.aten.native_dropout_backward(x, kept, 1 / 0.9))
+    kept = keep_factors(x.shape, 0.1).bool()
+    assert torch.equal(ours, torch.ops.aten.native_dropout_backward(x, kept, 1 / 0.9))
 
 
-def test_dropout_zeroes_or_scales_and_its_gradient_follows():
+def test_dropout_gradient_passes_the_same_mask():
     torch.manual_seed(0)
     x = torch.randn(10_000, requires_grad=True)
     y = Dropout(0.25).train()(x)
     kept = y != 0
     assert torch.allclose(y[kept], x[kept] / 0.75)
     y.sum().backward()
-    assert torch.equal(x.grad, kept.float() / 0.75)  # the gradient passes the same mask, scaled alike
+    assert torch.equal(x.grad, kept.float() / 0.75)
 
 
 def test_residual_form_is_the_residual_plus_the_dropout():
@@ -98,18 +113,3 @@ def test_dropout_module_is_an_nn_dropout_with_its_p():
     torch.manual_seed(0)
     values = module.train()(x).unique()
     assert len(values) == 2 and values[0] == 0 and values[1].item() == pytest.approx(1 / 0.7)
-
-
-def test_masks_do_not_depend_on_the_thread_count():
-    """Each half of a mask has its own generator state, drawn from torch's: a helper thread changes no bit."""
-    shape = torch.Size([512, 1024])  # large enough for the helper thread
-    before = torch.get_num_threads()
-    try:
-        masks = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            torch.manual_seed(4)
-            masks.append(drop_mask(shape, 0.1))
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(*masks)

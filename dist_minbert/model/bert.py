@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_minbert.model.dropout import Dropout, drop_mask
+from dist_minbert.model.dropout import Dropout, keep_factors
 
 INIT_STD = 0.02  # BERT's initializer_range; only matters for encoders not loaded from a checkpoint
 
@@ -137,8 +137,8 @@ def _attention_with_dropout(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, p: float
 ) -> torch.Tensor:
     """SDPA's math path (which CPU SDPA takes too when dropout_p > 0) with dropout.py's masks, less the dropout's
-    1/(1 - p): the caller scales the result. The weights are zeroed in one pass each way, and no pass checks for
-    rows with every key masked, which a BERT batch never has ([CLS] is real)."""
+    1/(1 - p): the caller scales the result. The weights are zeroed by one product each way, and no pass checks
+    for rows with every key masked, which a BERT batch never has ([CLS] is real)."""
     B, nh, T, hs = q.shape
     q, k, v = (t.reshape(B * nh, T, hs) for t in (q, k, v))
     if key_mask is None:
@@ -146,7 +146,8 @@ def _attention_with_dropout(
     else:
         bias = torch.zeros(B, 1, T, dtype=q.dtype, device=q.device).masked_fill_(~key_mask.view(B, 1, T), -torch.inf)
         scores = torch.baddbmm(bias.repeat_interleave(nh, 0), q, k.transpose(1, 2), alpha=hs**-0.5)
-    weights = torch.softmax(scores, dim=-1).masked_fill(drop_mask(scores.shape, p), 0.0)  # (B * nh, T, T)
+    weights = torch.softmax(scores, dim=-1)  # (B * nh, T, T)
+    weights = weights * keep_factors(weights.shape, p, dtype=weights.dtype)  # kept: 1 (exact in any dtype)
     return torch.bmm(weights, v).view(B, nh, T, hs)
 
 

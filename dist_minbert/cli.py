@@ -248,8 +248,9 @@ def cmd_table(args: argparse.Namespace) -> int:
     _set_verbose(args.verbose)
     rows = [r for r in args.rows.split(",") if r] if args.rows else None
     result = run_table(args.config, args.overrides, rows, args.seeds, args.report_only)
-    print(f"\n== dist-minbert table: {result['ran']} run, {result['selected'] - result['ran'] - len(result['unfinished'])}"
-          f" already recorded, {len(result['unfinished'])} {'pending' if args.report_only else 'unfinished'} ==")
+    recorded = result["selected"] - result["ran"] - len(result["unfinished"])
+    print(f"\n== dist-minbert table: {result['ran']} run, {recorded} already recorded, {len(result['unfinished'])} "
+          f"{'pending' if args.report_only else 'unfinished'} ==")
     for key, error in result["errors"].items():
         print(f"failed       {key}: {error}")
     if result["unfinished"] and not args.report_only:

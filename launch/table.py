@@ -246,9 +246,10 @@ def _analyse_best(table: TableConfig, results: Results) -> dict | None:
     if not records:
         return results.best
     best = max(records, key=lambda r: r["score"])
-    if results.best and results.best["key"] == best["key"] and results.best["fingerprint"] == best["fingerprint"] \
-            and all(Path(p).exists() for p in [*results.best["analysis"].values(), *results.best["predictions"].values()]):
-        return results.best
+    done = results.best
+    if done and (done["key"], done["fingerprint"]) == (best["key"], best["fingerprint"]) \
+            and all(Path(p).exists() for p in [*done["analysis"].values(), *done["predictions"].values()]):
+        return done
     out = Path(table.analysis_dir)
     log.info("table: analysing the best run of %s, %s (score %.4f)", ", ".join(table.best_of), best["key"],
              best["score"])

@@ -80,6 +80,7 @@ def files(tiny_checkpoint, shared_data, tmp_path_factory) -> TableFiles:
     ({"best_of": ["b2"]}, [], "best_of: 'b2' is not a row"),
     ({"rows": {"tune": {"config": "x.yaml"}}}, [], "rows.tune: the name is a folder of the table's own"),
     ({}, ["shared.train.epochz=3"], "unknown key train.epochz"),
+    ({}, ["rows.plain.config=/nonexistent/row.yaml"], "rows.plain (/nonexistent/row.yaml): config file not found"),
 ])
 def test_bad_table_config_names_the_key(files, tmp_path, capsys, change, overrides, message):
     table = files.table(tmp_path, **change)
@@ -139,10 +140,24 @@ def test_report_shows_unrun_and_stale_rows_as_pending(files, tmp_path):
     text = write_report(table, results, "table.yaml", tmp_path / "RESULTS.md")
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| p")}
     # SST 0.5 and 0.7: mean 0.6, sample standard deviation 0.1414; scores 0.7 and 0.7667.
-    assert "| 2 of 2 | 0.600 ± 0.141 | 0.800 ± 0.000 | 0.600 ± 0.000 | 0.733 ± 0.047 | 1.5 min, 40 steps |" in rows["plain"]
+    assert ("| 2 of 2 | 0.600 ± 0.141 | 0.800 ± 0.000 | 0.600 ± 0.000 | 0.733 ± 0.047 | 1.5 min, 40 steps |"
+            in rows["plain"])
     assert "| 0 of 1 | pending | pending | pending | pending |" in rows["pcgrad"]
     assert "| SST acc | 0.500 | pending | |" in text
     assert f"train.output_dir={tmp_path / 'runs' / 'pcgrad' / 'seed-0'}   # pending" in text
+
+
+def test_an_edited_row_config_is_another_run(files, tmp_path):
+    row_config = tmp_path / "row.yaml"
+    row_config.write_text(files.row_config.read_text())
+    table_path = files.table(tmp_path, rows={"plain": {"config": str(row_config)}}, best_of=[], targets=None,
+                             ordering=[])
+    before = trials(load_table_config(table_path))[0]
+    results = Results(tmp_path / "results.json", {before.key: {"fingerprint": before.fingerprint}})
+    assert results.finished(before)
+    row_config.write_text(row_config.read_text().replace("seed: 7", "seed: 8"))
+    after = trials(load_table_config(table_path))[0]
+    assert after.key == before.key and not results.finished(after)
 
 
 # -- real tables on Ray Tune ----------------------------------------------------------------------------------

@@ -112,6 +112,7 @@ class Trial:
     seed: int
     kind: str  # "train" or "simcse"
     config: str  # as written in the table (relative to the working directory)
+    config_digest: str  # of the config file's tree, its `extends:` parents merged: an edited file is another run
     overrides: tuple[str, ...]
     pretrain: Trial | None = None
 
@@ -122,12 +123,12 @@ class Trial:
 
     @property
     def spec(self) -> dict:
-        return {"kind": self.kind, "config": self.config, "overrides": list(self.overrides),
-                "pretrain": self.pretrain.spec if self.pretrain else None}
+        return {"kind": self.kind, "config": self.config, "config_digest": self.config_digest,
+                "overrides": list(self.overrides), "pretrain": self.pretrain.spec if self.pretrain else None}
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.spec, sort_keys=True).encode()).hexdigest()[:16]
+        return _digest(self.spec)
 
     def output_dir(self, table_output: str) -> str:
         return str(Path(table_output) / self.key)
@@ -136,7 +137,8 @@ class Trial:
         """The full override list: the trial's, its output folder, and a pretrained encoder's folder."""
         extra = [f"train.output_dir={_yaml_value(self.output_dir(table_output))}"]
         if self.pretrain:
-            extra.append(f"model.checkpoint={_yaml_value(str(Path(self.pretrain.output_dir(table_output)) / 'encoder'))}")
+            encoder = Path(self.pretrain.output_dir(table_output)) / "encoder"
+            extra.append(f"model.checkpoint={_yaml_value(str(encoder))}")
         return [*self.overrides, *extra]
 
     def command(self, table_output: str) -> str:
@@ -153,12 +155,16 @@ def load_table_config(path: str | os.PathLike, overrides: list[str] = ()) -> Tab
     for text in overrides:
         apply_override(raw, *parse_override(text))
     table = build(TableConfig, raw)
-    for trial in [t for row in trials(table) for t in (row, row.pretrain) if t is not None]:
+    for name, row in table.rows.items():
+        where = f"rows.{name} ({row.config})"
         try:
-            trial_config(trial, table.output_dir)
+            for trial in trials(table, [name]):
+                trial_config(trial, table.output_dir)
+                if trial.pretrain is not None:
+                    where = f"pretrains.{row.pretrain} ({trial.pretrain.config})"
+                    trial_config(trial.pretrain, table.output_dir)
         except (ConfigError, ValueError, FileNotFoundError) as exc:
-            where = f"pretrains.{trial.row}" if trial.kind == "simcse" else f"rows.{trial.row}"
-            raise ConfigError(f"{path}: {where} ({trial.config}): {exc}") from None
+            raise ConfigError(f"{path}: {where}: {exc}") from None
     return table
 
 
@@ -183,13 +189,21 @@ def trials(table: TableConfig, rows: list[str] | None = None, seeds: int | None 
             pretrain = None
             if row.pretrain:
                 spec = table.pretrains[row.pretrain]
-                pretrain = Trial(row.pretrain, seed, "simcse", spec.config,
+                pretrain = Trial(row.pretrain, seed, "simcse", spec.config, _config_digest(spec.config),
                                  (*dotted_overrides(spec.overrides, f"pretrains.{row.pretrain}.overrides"),
                                   f"train.seed={seed}"))
-            out.append(Trial(name, seed, "train", row.config,
+            out.append(Trial(name, seed, "train", row.config, _config_digest(row.config),
                              (*shared, *dotted_overrides(row.overrides, f"rows.{name}.overrides"),
                               f"train.seed={seed}"), pretrain))
     return out
+
+
+def _config_digest(path: str) -> str:
+    return _digest(_read_yaml(Path(path).resolve()))
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def dotted_overrides(tree: dict[str, Any], where: str) -> list[str]:

@@ -27,9 +27,11 @@ def write_report(table: TableConfig, results: Results, config_path: str, path: s
     return text
 
 
-def row_figures(runs: list[dict]) -> dict[str, list[float]]:
-    """metric → its value in each recorded run (best dev evaluation), "score" included."""
-    figures = {name: [r["dev"][task][metric] for r in runs if r["dev"] and r["dev"].get(task)]
+def _row_figures(runs: list[dict]) -> dict[str, list[float]]:
+    """metric → its value in each recorded run (best dev evaluation), "score" included; a run without the
+    figure (no evaluation, or a Pearson of constant predictions, written as null) is left out of it."""
+    figures = {name: [r["dev"][task][metric] for r in runs
+                      if (r["dev"] or {}).get(task, {}).get(metric) is not None]
                for task, metric, name in METRICS}
     figures["score"] = [r["score"] for r in runs if r["score"] is not None]
     return figures
@@ -57,10 +59,11 @@ def _sections(table: TableConfig, results: Results, config_path: str, base: Path
         "# Results: the study's tables, rebuilt by `dist-minbert table`",
         "",
         f"Written by `dist-minbert table --config {config_path}` from [`{_rel(results.path, base)}`]"
-        f"({_rel(results.path, base)}) (the finished runs, committed): edit the table config's `notes`, not this file. A row without a finished run shows as "
-        f"pending; a partly run row says how many of its seeds are in. Figures are the best dev evaluation of each "
-        f"run (the checkpoint `predict` and `evaluate` use), mean ± standard deviation over seeds; the score is the "
-        f"study's, (SST acc + QQP acc + (STS Pearson + 1) / 2) / 3.",
+        f"({_rel(results.path, base)}) (the finished runs, committed): edit the table config's `notes`, not this "
+        f"file. A row without a finished run shows as pending; a partly run row says how many of its seeds are "
+        f"in. Figures are the best dev evaluation of each run (the checkpoint `predict` and `evaluate` use), "
+        f"mean ± standard deviation over seeds; the score is the study's, (SST acc + QQP acc + (STS Pearson + 1) "
+        f"/ 2) / 3.",
         "",
         "## The budget",
         "",
@@ -74,7 +77,8 @@ def _sections(table: TableConfig, results: Results, config_path: str, base: Path
         "",
         "## Dev results",
         "",
-        "| row | seeds | SST acc | QQP acc | STS Pearson | score | wall time and steps per run | the study (SST / QQP / STS / score) |",
+        "| row | seeds | SST acc | QQP acc | STS Pearson | score | wall time and steps per run "
+        "| the study (SST / QQP / STS / score) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, row in table.rows.items():
@@ -85,7 +89,7 @@ def _sections(table: TableConfig, results: Results, config_path: str, base: Path
         if not runs:
             lines.append(f"| {label} | 0 of {row.seeds} | pending | pending | pending | pending | | {study} |")
             continue
-        figures = row_figures(runs)
+        figures = _row_figures(runs)
         steps = sorted({r["steps"] for r in runs})
         wall = f"{statistics.mean(r['wall_s'] for r in runs) / 60:.1f} min, {'/'.join(map(str, steps))} steps"
         pretrains = [results.records[r["pretrain"]]["wall_s"] for r in runs if r.get("pretrain") in results.records]
@@ -117,7 +121,7 @@ def _targets(table: TableConfig, results: Results) -> list[str]:
     if target is None:
         return []
     label = table.rows[target.row].label or target.row
-    figures = row_figures(_runs(table, results, target.row))
+    figures = _row_figures(_runs(table, results, target.row))
     lines = [f"## Targets for {label}", "", "| | target | ours (mean) | |", "|---|---|---|---|"]
     for task, _, name in METRICS:
         goal = getattr(target, task)
@@ -138,7 +142,7 @@ def _ordering(table: TableConfig, results: Results) -> list[str]:
     labels = [table.rows[n].label or n for n in table.ordering]
     lines = [f"## Ordering: {' < '.join(labels)}", "", "| pair | score difference | |", "|---|---|---|"]
     for lower, higher in zip(table.ordering, table.ordering[1:]):
-        a, b = (row_figures(_runs(table, results, n))["score"] for n in (lower, higher))
+        a, b = (_row_figures(_runs(table, results, n))["score"] for n in (lower, higher))
         pair = f"{table.rows[lower].label or lower} → {table.rows[higher].label or higher}"
         if not a or not b:
             lines.append(f"| {pair} | pending | |")
@@ -164,7 +168,7 @@ def _best(results: Results, base: Path) -> list[str]:
              f"`{best['run_dir']}`):", ""]
     for name, path in best["analysis"].items():
         link = _rel(path, base)
-        lines.append(f"- {name}: [`{link}`]({link})" if not link.endswith(".png") else f"- {name}:\n\n  ![{name}]({link})")
+        lines.append(f"- {name}:\n\n  ![{name}]({link})" if link.endswith(".png") else f"- {name}: [`{link}`]({link})")
     for task, path in best["predictions"].items():
         lines.append(f"- {task} test-set predictions (CS224N format): [`{_rel(path, base)}`]({_rel(path, base)})")
     lines += ["", "```bash", *best["commands"], "```", ""]

@@ -201,7 +201,8 @@ def _run_trials(table: TableConfig, pending: list[Trial], recorder: _Recorder) -
             run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[recorder],
                                       verbose=1 if output.is_verbose() else 0))
     grid = tuner.fit()
-    return {result.config["trial"]["key"]: str(result.error).splitlines()[0] for result in grid if result.error}
+    # The error's last line is its exception and message (the lines before are Ray's traceback).
+    return {result.config["trial"]["key"]: str(result.error).strip().splitlines()[-1] for result in grid if result.error}
 
 
 def _restorable(storage: Path, wanted: dict[str, str], results: Results) -> str:

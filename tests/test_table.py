@@ -145,6 +145,7 @@ def test_report_shows_unrun_and_stale_rows_as_pending(files, tmp_path):
     assert "| 0 of 1 | pending | pending | pending | pending |" in rows["pcgrad"]
     assert "| SST acc | 0.500 | pending | |" in text
     assert f"train.output_dir={tmp_path / 'runs' / 'pcgrad' / 'seed-0'}   # pending" in text
+    assert f"train.output_dir={tmp_path / 'runs' / 'plain' / 'seed-1'}   # m, commit c" in text
 
 
 def test_an_edited_row_config_is_another_run(files, tmp_path):

@@ -176,16 +176,23 @@ def _best(results: Results, base: Path) -> list[str]:
 
 
 def _commands(table: TableConfig, results: Results) -> list[str]:
-    lines = ["## Commands", "", "Each run alone, as the table ran it (`dist-minbert table` runs the same code path):",
-             "", "```bash"]
+    lines = ["## Commands", "", "Each run alone, as the table ran it (`dist-minbert table` runs the same code path), "
+             "with the machine and commit of its recorded run:", "", "```bash"]
     seen_pretrains = set()
     for trial in trials(table):
         if trial.pretrain is not None and trial.pretrain.key not in seen_pretrains:
             seen_pretrains.add(trial.pretrain.key)
-            lines.append(trial.pretrain.command(table.output_dir) + ("" if results.finished(trial.pretrain)
-                                                                     else "   # pending"))
-        lines.append(trial.command(table.output_dir) + ("" if results.finished(trial) else "   # pending"))
+            lines.append(trial.pretrain.command(table.output_dir) + _where(results, trial.pretrain))
+        lines.append(trial.command(table.output_dir) + _where(results, trial))
     return [*lines, "```"]
+
+
+def _where(results: Results, trial) -> str:
+    """A command's comment: where and at which commit its recorded run ran, or pending."""
+    if not results.finished(trial):
+        return "   # pending"
+    record = results.records[trial.key]
+    return f"   # {record['machine']}" + (f", commit {record['commit']}" if record["commit"] else "")
 
 
 def _rel(path: str | os.PathLike, base: Path) -> str:

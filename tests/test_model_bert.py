@@ -88,13 +88,17 @@ def train_encoder() -> BertEncoder:
     return load_encoder("embedded", dropout=0.0).train()
 
 
+def _hf_train_model(attn_implementation: str) -> transformers.BertModel:
+    return transformers.BertModel.from_pretrained(
+        resolve_checkpoint("embedded"), attn_implementation=attn_implementation, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    ).train()  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def hf_train_model() -> transformers.BertModel:
     """The reference in train mode with dropout 0: it computes every position, padding included."""
-    return transformers.BertModel.from_pretrained(
-        resolve_checkpoint("embedded"), attn_implementation="eager", hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    ).train()  # fmt: skip
+    return _hf_train_model("eager")
 
 
 @pytest.fixture(scope="module")
@@ -316,10 +320,7 @@ def test_an_unknown_pooling_is_refused_by_the_loader_naming_the_key():
 @pytest.fixture(scope="module")
 def hf_sdpa_train_model() -> transformers.BertModel:
     """The peer of `bench encoder` (SDPA attention) in train mode with dropout 0."""
-    return transformers.BertModel.from_pretrained(
-        resolve_checkpoint("embedded"), attn_implementation="sdpa", hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    ).train()  # fmt: skip
+    return _hf_train_model("sdpa")
 
 
 @pytest.mark.parametrize("make_batch", [None, _unpadded_batch], ids=["padded", "no_padding"])

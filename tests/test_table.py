@@ -249,12 +249,16 @@ def test_best_run_is_analysed_and_predicts_the_test_sets(finished_table, shared_
     # Test predictions in the CS224N format: a header, then one line per test row.
     sst_test = (analysis / "predictions" / "sst-ids-sst-test-student-output.csv").read_text().splitlines()
     assert sst_test[0] == "id \t Predicted_Sentiment " and len(sst_test) == 1 + 10  # the slice's 10 test rows
-    # The analysis's pass agrees with the run's own dev predictions (the same best checkpoint).
+    # The analysis's pass agrees with the run's own dev predictions (the same best checkpoint), for the
+    # multi-class, the binary and the regression head.
     cfg, model = load_trained_model(best["run_dir"])
-    outputs = dev_outputs(model, cfg, "sst")
-    written = [line.split(" , ") for line in
-               (Path(best["run_dir"]) / "predictions" / "sst-dev-output.csv").read_text().splitlines()[1:]]
-    assert [int(p) for _, p in written] == outputs.preds.astype(int).tolist()
+    outputs = {task: dev_outputs(model, cfg, task) for task in TASKS}
+    for task in TASKS:
+        written = [float(line.split(" , ")[1]) for line in
+                   (Path(best["run_dir"]) / "predictions" / f"{task}-dev-output.csv").read_text().splitlines()[1:]]
+        assert outputs[task].preds == pytest.approx(written, abs=1e-6), task
+    assert outputs["qqp"].true_prob.min() >= 0 and outputs["sts"].true_prob is None
+    outputs = outputs["sst"]
     counts = confusion_matrix(outputs.labels, outputs.preds, 5)
     assert counts.sum() == NUM_DEV_ROWS and np.trace(counts) / NUM_DEV_ROWS == pytest.approx(
         results.records["pcgrad/seed-0"]["dev"]["sst"]["accuracy"])

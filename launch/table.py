@@ -66,7 +66,7 @@ class _Recorder(Callback):
     def __init__(self, config_path: str, overrides: list[str]) -> None:
         self.config_path, self.overrides = config_path, list(overrides)
 
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+    def on_trial_result(self, trial, result, **info) -> None:  # Tune passes keywords
         table = load_table_config(self.config_path, self.overrides)
         results = Results.load(table.results)
         payload = trial.config["trial"]
@@ -76,9 +76,10 @@ class _Recorder(Callback):
         record = finished_record(payload["record"], json.loads(result["summary"]), result["machine"])
         results.record(record)
         write_report(table, results, self.config_path, table.report)
-        score = record["score"]
-        log.info("table: %s finished, score %s, %.1f min", record["key"],
-                 "n/a" if score is None else f"{score:.4f}", record["wall_s"] / 60)
+        score, every_run = record["score"], trials(table)
+        log.info("table: %s finished, score %s, %.1f min; %d of the table's %d runs recorded", record["key"],
+                 "n/a" if score is None else f"{score:.4f}", record["wall_s"] / 60,
+                 len(results.finished_records(every_run)), len(every_run))
 
 
 def run_trial(config: dict) -> None:

@@ -38,6 +38,7 @@ from dist_minbert.engine.deepspeed_engine import (build_engine, build_optimizer,
 from dist_minbert.engine.task_inputs import TaskSplits, load_task_splits
 from dist_minbert.model.bert import BertEncoder
 from dist_minbert.model.checkpoint import load_encoder, resolve_checkpoint
+from dist_minbert.model.dropout import keep_factors
 from dist_minbert.model.tokenizer import WordPieceTokenizer
 from dist_minbert.tasks.config import encoding_for
 from dist_minbert.tasks.multitask import MultitaskModel
@@ -145,7 +146,7 @@ def encoder_rows(cfg: RunConfig, steps: list[dict[str, Batch]], report: Report, 
     for layer in ours.layers:
         layer.attn.dropout_p = 0.0  # model.dropout sets both dropouts; this keeps the hidden one only
     report.row("ours, attention dropout 0 (hidden dropout kept)", measure(lambda: run(ours), reps),
-               "SDPA's flash kernel instead of the math fallback", per_step=True)
+               "SDPA's flash kernel instead of our math path with dropout", per_step=True)
 
 
 # -- attention ---------------------------------------------------------------------------------------------------
@@ -199,6 +200,8 @@ def dropout_rows(batch: Batch, hidden_size: int, report: Report, reps: int) -> N
     x = torch.randn(*batch["input_ids"].shape, hidden_size)
     report.row("F.dropout (bernoulli_)", measure(lambda: F.dropout(x, 0.1, True), 20 * reps))
     report.row("torch.rand_like(x) >= p", measure(lambda: torch.rand_like(x) >= 0.1, 20 * reps))
+    report.row("keep_factors (ours: numpy SFC64, two halves)", measure(lambda: keep_factors(x.shape, 0.1), 20 * reps),
+               "the factors the encoder multiplies by")
 
 
 # -- heads, optimizer, whole step --------------------------------------------------------------------------------

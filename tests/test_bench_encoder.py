@@ -40,6 +40,7 @@ def test_headline_ratios_are_the_smallest_paired_medians(bench) -> None:
         ours, theirs = case["ours"]["step_s_all"], case["transformers"]["step_s_all"]
         assert len(ours) == len(theirs) == pairs
         assert case["ratio"] == statistics.median(t / o for t, o in zip(theirs, ours))
+        assert case["fastest_step_ratio"] == min(theirs) / min(ours)
         assert case["ours_samples_per_s"] == pytest.approx(4 * pairs / sum(ours), rel=1e-12)
     assert bench["train_ratio_fp32"] == min(cases["train_fp32_4x16"]["ratio"], cases["train_fp32_4x32"]["ratio"])
     assert bench["train_ratio_bf16"] == min(cases["train_bf16_4x16"]["ratio"], cases["train_bf16_4x32"]["ratio"])

@@ -211,6 +211,8 @@ def report(config: EncoderBenchConfig, cases: list[Case], timed: dict, peaks: di
         row = {"mode": case.mode, "precision": case.precision,
                "ratio": statistics.median(t / o for t, o in zip(theirs["step_s_all"], ours["step_s_all"])),
                "cpu_ratio": statistics.median(t / o for t, o in zip(theirs["cpu_s_all"], ours["cpu_s_all"])),
+               # each side's fastest step: the least disturbed by other work (fixed-length: the same work)
+               "fastest_step_ratio": min(theirs["step_s_all"]) / min(ours["step_s_all"]),
                **_padding(case.batches[config.warmup_steps:])}
         for side, steps in (("ours", ours), ("transformers", theirs)):
             row[f"{side}_samples_per_s"] = config.batch_size * len(steps["step_s_all"]) / sum(steps["step_s_all"])

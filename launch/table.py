@@ -25,7 +25,7 @@ from ray.tune import Callback
 from dist_minbert.config_loader import to_plain
 from dist_minbert.table.config import TableConfig, Trial, load_table_config, trial_config, trials
 from dist_minbert.table.report import write_report
-from dist_minbert.table.results import Results, finished_record, machine_description, trial_record
+from dist_minbert.table.results import Results, finished_record, git_commit, machine_description, trial_record
 from launch import output
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,11 @@ class _Recorder(Callback):
         table = load_table_config(self.config_path, self.overrides)
         results = Results.load(table.results)
         payload = trial.config["trial"]
+        made_by = (result["machine"], result["commit"])
         if result.get("pretrain_summary"):
             results.record(finished_record(payload["pretrain"]["record"], json.loads(result["pretrain_summary"]),
-                                           result["machine"]))
-        record = finished_record(payload["record"], json.loads(result["summary"]), result["machine"])
+                                           *made_by))
+        record = finished_record(payload["record"], json.loads(result["summary"]), *made_by)
         results.record(record)
         write_report(table, results, self.config_path, table.report)
         score, every_run = record["score"], trials(table)
@@ -90,11 +91,12 @@ def run_trial(config: dict) -> None:
     from dist_minbert.config import config_from_dict
 
     payload = config["trial"]
+    commit = git_commit()  # the code as the trial's runs start (a working tree can change while they run)
     pretrain_summary = _pretrain_once(payload["pretrain"]) if payload["pretrain"] else None
     summary = _run_once(config_from_dict(payload["config"]), "train", payload["record"]["fingerprint"])
     tune.report({"score": summary.get("best_score") or math.nan, "summary": json.dumps(summary),
                  "pretrain_summary": json.dumps(pretrain_summary) if pretrain_summary else "",
-                 "machine": machine_description()})
+                 "machine": machine_description(), "commit": commit})
 
 
 def _pretrain_once(pretrain: dict) -> dict | None:

@@ -74,11 +74,12 @@ def trial_record(trial: Trial, table_output: str) -> dict:
     return record
 
 
-def finished_record(made: dict, summary: dict, machine: str) -> dict:
-    """The record of a finished run: how it was made (trial_record), what its summary.json says, where and when."""
+def finished_record(made: dict, summary: dict, machine: str, commit: str) -> dict:
+    """The record of a finished run: how it was made (trial_record), what its summary.json says, where, from
+    which commit (git_commit when the run started) and when."""
     return {**made, "steps": summary["steps"], "wall_s": summary.get("job_wall_s", summary["wall_s"]),
             "samples_per_s": summary["samples_per_s"], "initial_dev": summary.get("initial_dev"),
-            "dev": summary.get("best_dev"), "score": summary.get("best_score"), "commit": git_commit(),
+            "dev": summary.get("best_dev"), "score": summary.get("best_score"), "commit": commit,
             "machine": machine, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 

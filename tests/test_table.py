@@ -125,7 +125,7 @@ def test_report_shows_unrun_and_stale_rows_as_pending(files, tmp_path):
     table_path = files.table(tmp_path, rows={
         "plain": {"config": str(files.row_config), "seeds": 2},
         "pcgrad": {"config": str(files.row_config), "overrides": {"surgery": {"mode": "pcgrad"}}}})
-    table = load_table_config(table_path)
+    table = load_table_config(table_path, ["title=Two rows tuned"])
     plain0, plain1, pcgrad = trials(table)
     dev = {"sst": {"accuracy": 0.5}, "qqp": {"accuracy": 0.8}, "sts": {"pearson": 0.6, "spearman": 0.6}}
     results = Results(tmp_path / "results.json")
@@ -139,6 +139,7 @@ def test_report_shows_unrun_and_stale_rows_as_pending(files, tmp_path):
                                    "fingerprint": "0" * 16}
     text = write_report(table, results, "table.yaml", tmp_path / "RESULTS.md")
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if line.startswith("| p")}
+    assert text.startswith("# Two rows tuned\n")
     # SST 0.5 and 0.7: mean 0.6, sample standard deviation 0.1414; scores 0.7 and 0.7667.
     assert ("| 2 of 2 | 0.600 ± 0.141 | 0.800 ± 0.000 | 0.600 ± 0.000 | 0.733 ± 0.047 | 1.5 min, 40 steps |"
             in rows["plain"])

@@ -80,6 +80,7 @@ class TableConfig:
     targets: TargetConfig | None = None
     ordering: list[str] = field(default_factory=list)  # rows expected in increasing score (the study's claim)
     notes: str = ""  # markdown placed in RESULTS.md as written: what was tried, where a target is missed
+    title: str = "Results: the study's tables, rebuilt by `dist-minbert table`"  # the report's heading
 
     def __post_init__(self) -> None:
         if not self.rows:

@@ -56,7 +56,7 @@ def _study_score(study) -> float:
 
 def _sections(table: TableConfig, results: Results, config_path: str, base: Path) -> list[str]:
     lines = [
-        "# Results: the study's tables, rebuilt by `dist-minbert table`",
+        f"# {table.title}",
         "",
         f"Written by `dist-minbert table --config {config_path}` from [`{_rel(results.path, base)}`]"
         f"({_rel(results.path, base)}) (the finished runs, committed): edit the table config's `notes`, not this "

@@ -74,7 +74,7 @@ def test_wrong_type_names_the_key(override, message):
 
 
 @pytest.mark.parametrize("override,key,allowed", [
-    ("deepspeed.precision=fp16", "deepspeed.precision", "'auto', 'fp32', 'bf16'"),
+    ("deepspeed.precision=fp16", "deepspeed.precision", "'auto', 'fp32', 'bf16', 'autocast_bf16'"),
     ("model.pooling=max", "model.pooling", "'cls', 'pooler', 'mean'"),
     ("tasks.sts.kind=regression", "tasks.sts.kind", "'classification', 'pair_classification', 'pair_regression', 'contrastive'"),
 ])

@@ -9,7 +9,9 @@ from typing import Literal
 @dataclass
 class DeepSpeedConfig:
     zero_stage: int = 0  # ZeRO stage 0, 1 or 2
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 on GPU, fp32 on CPU; bf16: DeepSpeed's (bf16 weights, for GPUs); autocast_bf16: fp32 weights,
+    # gradients and optimizer state, the training forward under bf16 autocast (engine/autocast.py; CPU or GPU)
+    precision: Literal["auto", "fp32", "bf16", "autocast_bf16"] = "auto"
     gradient_clipping: float = 1.0  # always passed explicitly (DeepSpeed 0.19.8 silently defaults to 1.0)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
 

@@ -10,7 +10,8 @@ from dist_minbert.engine.config import DeepSpeedConfig, OptimConfig
 
 
 def resolve_precision(cfg: DeepSpeedConfig, use_gpu: bool) -> str:
-    """bf16 on GPU, fp32 on CPU unless asked. fp16 is not offered: its loss scaler is bypassed by autograd.grad."""
+    """bf16 on GPU, fp32 on CPU unless asked. fp16 is not offered: its loss scaler is bypassed by autograd.grad.
+    autocast_bf16 builds an fp32 engine: the autocast is the training forward's (engine/autocast.py)."""
     if cfg.precision == "auto":
         return "bf16" if use_gpu else "fp32"
     return cfg.precision

@@ -83,7 +83,7 @@ class SimCSETrainer:
                                    ctx.world_size)
         self.model: SentenceEncoder = self.engine.module
         self.timers = StepTimers()
-        self.gradients = ContrastiveGradients(self.engine, self.model, cfg.simcse, self.timers)
+        self.gradients = ContrastiveGradients(self.engine, self.model, cfg.simcse, self.timers, cfg.deepspeed.precision)
         torch.manual_seed(cfg.train.seed + 1 + ctx.rank)  # distinct dropout masks per rank
         self.sts = _read_sts(Path(cfg.data.root) / cfg.simcse.sts_dev, cfg.data.on_bad_row)
         self.logger = MetricsLogger(str(self.out / "tensorboard") if ctx.is_main and cfg.observe.tensorboard else None)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from dist_minbert.contrastive.config import SimCSEConfig
 from dist_minbert.contrastive.grad_cache import simcse_gradients
+from dist_minbert.engine.autocast import training_forward
 from dist_minbert.engine.config import DeepSpeedConfig, OptimConfig
 from dist_minbert.engine.deepspeed_engine import build_engine
 from dist_minbert.observe.timers import StepTimers
@@ -111,15 +112,17 @@ class ContrastiveGradients:
     """SimCSE: loss (3) of this rank's sentences against every rank's views, its gradient (through GradCache
     when simcse.chunk_size is set), checked for NaN/inf on every rank, handed to DeepSpeed."""
 
-    def __init__(self, engine, model: torch.nn.Module, cfg: SimCSEConfig, timers: StepTimers) -> None:
+    def __init__(self, engine, model: torch.nn.Module, cfg: SimCSEConfig, timers: StepTimers, precision: str) -> None:
+        """`precision`: deepspeed.precision (autocast_bf16 runs the embedding forward under bf16 autocast)."""
         self.engine, self.model, self.cfg, self.timers = engine, model, cfg, timers
+        self.embed = training_forward(model, precision, engine.device)
         self.parameters = [p for p in model.parameters() if p.requires_grad]
 
     def run(self, batch: Batch) -> float:
         """One optimizer step on this rank's sentences; returns this rank's loss."""
         # The views' all-gather (and its reduce-scatter backward) run inside autograd: timed with it.
         with self.timers.phase("forward_backward"):
-            loss, grads = simcse_gradients(self.model, batch, self.parameters, temperature=self.cfg.temperature,
+            loss, grads = simcse_gradients(self.embed, batch, self.parameters, temperature=self.cfg.temperature,
                                            negatives=self.cfg.negatives, chunk_size=self.cfg.chunk_size or None)
         # The loss never reaches some parameters (the pooler under mean pooling, say): they stay untouched.
         _check_and_hand_over(self.engine, self.parameters, grads, [float(loss)],

@@ -20,6 +20,7 @@ from dist_minbert.data.prefetch import Prefetcher
 from dist_minbert.data.step_reader import StepBatches
 from dist_minbert.data.stream import samples_seen
 from dist_minbert.engine import checkpointing
+from dist_minbert.engine.autocast import training_forward
 from dist_minbert.engine.dist_context import DistContext
 from dist_minbert.engine.evaluation import Evaluator, Metrics, SplitPredictions
 from dist_minbert.engine.multitask_data import MultitaskData
@@ -64,6 +65,7 @@ class Trainer:
                                          cfg.workers.use_gpu, ctx.world_size, cfg.train.seed, self.comm, self.timers)
         self.engine = self.gradients.engine
         self.model: MultitaskModel = self.engine.module
+        self.forward = training_forward(self.model, cfg.deepspeed.precision, ctx.device)  # evaluation: self.model
         torch.manual_seed(cfg.train.seed + 1 + ctx.rank)  # distinct dropout masks per rank
 
         self.evaluator = Evaluator(self.engine, self.model, cfg.tasks, self.data.inputs, self.data.collators, ctx,
@@ -99,7 +101,7 @@ class Trainer:
         return self.data.reader()(position)
 
     def loss(self, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model.loss(task, self.model(task, batch), batch.get("labels"))
+        return self.model.loss(task, self.forward(task, batch), batch.get("labels"))
 
     def train_step(self, step: StepBatches) -> dict[str, float]:
         """One optimizer step on this rank's batches; returns this rank's mean loss per task ({} if skipped)."""

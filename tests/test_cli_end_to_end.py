@@ -9,7 +9,8 @@ the CLI's `main(["train", "--config", ...])` on the session's Ray instance, on 2
     temperature, 2 of 3 tasks a step, MGDA
     staggered: QQP alone for one epoch, then all three
     proportional batches: every task every step, batch_i = ceil(ceil(N_i / K) / 8) * 8
-    a corpus as a contrastive task beside two builtins, annealed (its size capped), exact PCGrad
+    a corpus as a contrastive task beside two builtins, annealed (its size capped), exact PCGrad, the training
+    forward under bf16 autocast (deepspeed.precision=autocast_bf16: its losses finite, every step trained)
 
 Each test reads back what a job logged (TensorBoard event files, through tensorboard's own reader) and checks
 it against the pure function that should have decided it: `tasks_for_step` for the tasks and batch sizes of
@@ -85,7 +86,7 @@ JOBS = {
     "proportional": Job(("sst", "qqp", "sts"), ("schedule.name=proportional_batch", "schedule.steps_per_epoch=3")),
     "corpus_annealed_pcgrad": Job(("sst", "sts", "corpus"), (
         "schedule.name=annealed", "schedule.tasks_per_step=2", "schedule.steps_per_epoch=3", "train.epochs=2",
-        "surgery.mode=pcgrad"), weighting="pcgrad"),
+        "surgery.mode=pcgrad", "deepspeed.precision=autocast_bf16"), weighting="pcgrad"),
 }
 
 
@@ -351,6 +352,7 @@ def test_a_contrastive_corpus_is_drawn_beside_tasks_and_its_gradient_joins_the_g
     plan = expected_plan(run.cfg)
     with_corpus = [step for step, p in plan.items() if "corpus" in p]
     assert 0 < len(with_corpus) < len(plan)
+    assert all(np.isfinite(v) for t in run.cfg.tasks for v in run.scalars[f"loss/{t}"].values())  # bf16 autocast
     for step in with_corpus:
         assert run.scalars["surgery/grad_norm/corpus"][step] > 0
         assert run.scalars["loss/corpus"][step] > 0
@@ -374,7 +376,8 @@ def test_tensorboard_is_complete_under_exact_pcgrad(runs, tmp_path):
     check_complete_run(run.scalars, run.summary, run.summary["paths"]["tensorboard"], num_workers=2,
                        max_tokens_per_sample=2 * cfg.model.max_length,  # an STS pair is two sentences
                        hparams={"surgery.mode": "pcgrad", "surgery.weighting": "pcgrad", "schedule.name": "annealed",
-                                "workers.num_workers": 2.0, "deepspeed.zero_stage": 0.0, "train.seed": 7.0,
+                                "workers.num_workers": 2.0, "deepspeed.zero_stage": 0.0,
+                                "deepspeed.precision": "autocast_bf16", "train.seed": 7.0,
                                 "steps": float(run.summary["steps"]), "tasks": "sst,sts,corpus",
                                 "tasks.sst.batch_size": 8.0, "model.pooling": cfg.model.pooling})
     for step in run.scalars["time/step_s"]:  # 2 tasks each step: a Gram matrix, and its gradients exchanged

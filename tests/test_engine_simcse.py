@@ -1,5 +1,6 @@
 """The SimCSE job end to end on 2 Ray Train workers: the engine's parts reused, STS zero-shot evaluation, the
-best encoder exported as a `model.checkpoint`, and a resumed run equal to the uninterrupted one."""
+best encoder exported as a `model.checkpoint`, and a resumed run equal to the uninterrupted one; those two
+train under bf16 autocast (the GradCache runs in fp32), so the SimCSE job's autocast path runs end to end."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from tests.ray_workers import write_slice
 pytestmark = pytest.mark.distributed
 
 STEPS = 6
+AUTOCAST = "deepspeed.precision=autocast_bf16"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def uninterrupted(ray_session, tmp_path_factory, tiny_checkpoint, corpus_shards,
     from launch.ray_run import run_simcse
 
     out = tmp_path_factory.mktemp("simcse_run")
-    return run_simcse(_config(tiny_checkpoint, corpus_shards, shared_data, out, f"train.max_steps={STEPS}"))
+    return run_simcse(_config(tiny_checkpoint, corpus_shards, shared_data, out, f"train.max_steps={STEPS}", AUTOCAST))
 
 
 def test_simcse_trains_evaluates_and_exports_an_encoder_for_train(uninterrupted, tiny_checkpoint):
@@ -86,7 +88,8 @@ def test_simcse_writes_the_tags_runs_are_compared_by(uninterrupted):
     check_complete_run(logged_scalars(tensorboard), summary, tensorboard, num_workers=2,
                        max_tokens_per_sample=cfg.model.max_length,
                        hparams={"simcse.negatives": "global", "simcse.batch_size_per_worker": 8.0,
-                                "workers.num_workers": 2.0, "steps": float(STEPS), "optim.schedule": "constant"})
+                                "workers.num_workers": 2.0, "steps": float(STEPS), "optim.schedule": "constant",
+                                "deepspeed.precision": "autocast_bf16"})
 
 
 def test_resumed_simcse_run_equals_the_uninterrupted_one(uninterrupted, tiny_checkpoint, corpus_shards,
@@ -96,10 +99,10 @@ def test_resumed_simcse_run_equals_the_uninterrupted_one(uninterrupted, tiny_che
     from launch.ray_run import run_simcse
 
     out = tmp_path / "resumed"
-    first = run_simcse(_config(tiny_checkpoint, corpus_shards, shared_data, out, "train.max_steps=3"))
+    first = run_simcse(_config(tiny_checkpoint, corpus_shards, shared_data, out, "train.max_steps=3", AUTOCAST))
     assert first["steps"] == 3
     resumed = run_simcse(_config(tiny_checkpoint, corpus_shards, shared_data, out, f"train.max_steps={STEPS}",
-                                 "checkpoint.resume=latest"))
+                                 "checkpoint.resume=latest", AUTOCAST))
     assert resumed["steps"] == STEPS
     assert resumed["best_dev"] == uninterrupted["best_dev"]
     assert torch.equal(_encoder_weights(Path(resumed["paths"]["encoder"])),

@@ -12,6 +12,9 @@ developers share the 2 cores, so wall time mostly measures them; the wall median
 
     .venv/bin/python benchmarks/step_profile.py [--config configs/demo.yaml] [--reps 3]
         [--only encoder step ...] [--set deepspeed.precision=bf16 ...]
+
+The whole step through the DeepSpeed engine is timed with each forward its engine runs, their steps taken
+in turn: an fp32 engine's (fp32, and autocast_bf16's, whose engine is the same), or DeepSpeed's bf16.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from dist_minbert.config import RunConfig, load_config
 from dist_minbert.data.collate import collate
 from dist_minbert.data.stream import TaskStream
+from dist_minbert.engine.autocast import training_forward
 from dist_minbert.engine.deepspeed_engine import (build_engine, build_optimizer, lr_lambda, param_groups,
                                                  resolve_precision)
 from dist_minbert.engine.task_inputs import TaskSplits, load_task_splits
@@ -53,15 +57,23 @@ class Timing:
 
 
 def measure(fn: Callable[[], object], reps: int, warmup: int = 1) -> Timing:
-    for _ in range(warmup):
-        fn()
-    cpu, wall = [], []
+    return measure_interleaved({"": fn}, reps, warmup)[""]
+
+
+def measure_interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, Timing]:
+    """Each function's Timing, their calls taken in turn, so that other work's load falls on each alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        c, w = time.process_time(), time.perf_counter()
-        fn()
-        cpu.append(time.process_time() - c)
-        wall.append(time.perf_counter() - w)
-    return Timing(1e3 * statistics.median(cpu), 1e3 * statistics.median(wall))
+        for name, fn in fns.items():
+            c, w = time.process_time(), time.perf_counter()
+            fn()
+            cpu[name].append(time.process_time() - c)
+            wall[name].append(time.perf_counter() - w)
+    return {name: Timing(1e3 * statistics.median(cpu[name]), 1e3 * statistics.median(wall[name])) for name in fns}
 
 
 class Report:
@@ -142,7 +154,7 @@ def encoder_rows(cfg: RunConfig, steps: list[dict[str, Batch]], report: Report, 
                    per_step=True)
         del hf
     report.row("ours under torch.autocast(cpu, bfloat16)", measure(lambda: run(ours, autocast=True), reps),
-               "fp32 weights, bf16 matmuls; not in the trainer", per_step=True)
+               "fp32 weights, bf16 matmuls: deepspeed.precision=autocast_bf16", per_step=True)
     for layer in ours.layers:
         layer.attn.dropout_p = 0.0  # model.dropout sets both dropouts; this keeps the hidden one only
     report.row("ours, attention dropout 0 (hidden dropout kept)", measure(lambda: run(ours), reps),
@@ -270,17 +282,22 @@ def step_rows(cfg: RunConfig, steps: list[dict[str, Batch]], report: Report, rep
     _single_process_group()
     # Its own copy: a bf16 engine casts the model it wraps.
     engine = build_engine(new_model(), cfg.deepspeed, cfg.optim, 1000, use_gpu=False, world_size=1)
-    engine_phases = Phases()
-
-    def engine_step() -> None:
-        loss = engine_phases.run("engine(task, batch) + losses", lambda: loss_of(engine))
-        engine_phases.run("engine.backward(loss)", lambda: engine.backward(loss))
-        engine_phases.run("engine.step()", engine.step)
-
     precision = resolve_precision(cfg.deepspeed, use_gpu=False)
-    report.row(f"DeepSpeed engine, ZeRO {cfg.deepspeed.zero_stage}, {precision}, 1-rank gloo",
-               measure(engine_step, reps), per_step=True)
-    engine_phases.report(report)
+    # An fp32 engine is autocast_bf16's too (only the forward differs): both forwards, their steps in turn.
+    forwards = {p: training_forward(engine, p, torch.device("cpu"))
+                for p in ([precision] if precision == "bf16" else ["fp32", "autocast_bf16"])}
+    phases = {p: Phases() for p in forwards}
+
+    def engine_step(p: str) -> None:
+        loss = phases[p].run("engine(task, batch) + losses", lambda: loss_of(forwards[p]))
+        phases[p].run("engine.backward(loss)", lambda: engine.backward(loss))
+        phases[p].run("engine.step()", engine.step)
+
+    timings = measure_interleaved({p: lambda p=p: engine_step(p) for p in forwards}, reps)
+    for p, t in timings.items():
+        note = f"{timings['fp32'].cpu_ms / t.cpu_ms:.2f}× fp32's speed (CPU time)" if p == "autocast_bf16" else ""
+        report.row(f"DeepSpeed engine, ZeRO {cfg.deepspeed.zero_stage}, {p}, 1-rank gloo", t, note, per_step=True)
+        phases[p].report(report)
     engine.backward(loss_of(engine))
     report.row("  engine.allreduce_gradients() alone", measure(engine.allreduce_gradients, reps),
                "inside engine.backward; 1 rank: bucket copies only, 2 ranks add the gloo all-reduce")

@@ -1,4 +1,5 @@
-"""`make gpu-check`: bf16 training on CUDA with NCCL at ZeRO 0, 1 and 2 against fp32, under exact PCGrad.
+"""`make gpu-check`: bf16 training on CUDA with NCCL at ZeRO 0, 1 and 2, and bf16 autocast, against fp32, under
+exact PCGrad.
 
 For a machine with GPUs (the CPU suite never runs it; without CUDA it says so and exits 2). Each run is the
 production path — `dist-minbert train`'s launcher: Ray Train workers, one GPU each, NCCL, DeepSpeed — on the
@@ -6,11 +7,12 @@ given config for --steps optimizer steps with exact PCGrad (surgery.mode=pcgrad)
 
     fp32, ZeRO 0   the reference curve
     bf16, ZeRO 0 / 1 / 2
+    autocast_bf16, ZeRO 0   fp32 weights, the training forward under bf16 autocast
 
 Checks, each named in the JSON's `checks`:
 - every run logged a finite loss at every step (a non-finite bf16 step is skipped and logs none), and PCGrad's
   weights, finite, at every step: exact PCGrad ran under bf16;
-- each bf16 run's loss curve within tolerance of fp32's: |bf16 − fp32| ≤ atol + rtol·|fp32| at every step
+- each bf16 and autocast run's loss curve within tolerance of fp32's: |bf16 − fp32| ≤ atol + rtol·|fp32| at every step
   and task (the same data, seeds and dropout masks; bf16 rounding alone moves them);
 - ZeRO 1 and 2 within the same tolerance of bf16 ZeRO 0 (partitioning changes no maths).
 Printed as one JSON object: per run samples/s, tokens/s, peak GPU memory per rank (torch.cuda.max_memory_allocated)
@@ -33,6 +35,7 @@ RUNS = {  # name → (precision, ZeRO stage)
     "bf16_zero0": ("bf16", 0),
     "bf16_zero1": ("bf16", 1),
     "bf16_zero2": ("bf16", 2),
+    "autocast_bf16_zero0": ("autocast_bf16", 0),
 }
 REFERENCE, BF16_REFERENCE = "fp32_zero0", "bf16_zero0"
 
@@ -110,7 +113,7 @@ def checks(runs: dict[str, dict], steps: int, rtol: float, atol: float) -> dict:
         out[f"{name}_pcgrad"] = pcgrad_ran(run["scalars"], steps)
         if name != REFERENCE:
             out[f"{name}_vs_{REFERENCE}"] = compare_curves(runs[REFERENCE]["losses"], run["losses"], rtol, atol)
-        if name not in (REFERENCE, BF16_REFERENCE):
+        if name.startswith("bf16_") and name != BF16_REFERENCE:  # ZeRO 1 and 2
             out[f"{name}_vs_{BF16_REFERENCE}"] = compare_curves(runs[BF16_REFERENCE]["losses"], run["losses"], rtol,
                                                                 atol)
     return out

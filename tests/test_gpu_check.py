@@ -66,7 +66,8 @@ def test_checks_compare_bf16_with_fp32_and_zero_stages_with_zero0(tmp_path):
     from dist_minbert.observe.metrics_logger import MetricsLogger
 
     losses = {"fp32_zero0": [1.6, 1.5], "bf16_zero0": [1.61, 1.52], "bf16_zero1": [1.61, 1.52],
-              "bf16_zero2": [1.8, 1.52]}  # ZeRO 2 off by 0.2 at step 1 (past 0.13 and 0.1305)
+              "bf16_zero2": [1.8, 1.52],  # ZeRO 2 off by 0.2 at step 1 (past 0.13 and 0.1305)
+              "autocast_bf16_zero0": [1.6, 1.51]}
     runs = {}
     for name, curve in losses.items():
         folder = tmp_path / name
@@ -83,4 +84,5 @@ def test_checks_compare_bf16_with_fp32_and_zero_stages_with_zero0(tmp_path):
     verdicts = gpu_check.checks(runs, steps=2, rtol=0.05, atol=0.05)
     failed = sorted(name for name, verdict in verdicts.items() if not verdict["passed"])
     assert failed == ["bf16_zero2_vs_bf16_zero0", "bf16_zero2_vs_fp32_zero0"]
-    assert len(verdicts) == 4 * 2 + 3 + 2  # every run: steps, PCGrad; bf16 vs fp32; ZeRO 1, 2 vs bf16 ZeRO 0
+    # Every run: steps, PCGrad; bf16 and autocast vs fp32; ZeRO 1, 2 vs bf16 ZeRO 0 (autocast's engine is fp32's).
+    assert len(verdicts) == 5 * 2 + 4 + 2 and "autocast_bf16_zero0_vs_fp32_zero0" in verdicts

@@ -65,7 +65,8 @@ class Trainer:
                                          cfg.workers.use_gpu, ctx.world_size, cfg.train.seed, self.comm, self.timers)
         self.engine = self.gradients.engine
         self.model: MultitaskModel = self.engine.module
-        self.forward = training_forward(self.model, cfg.deepspeed.precision, ctx.device)  # evaluation: self.model
+        # The training forward (under bf16 autocast if asked); evaluation calls self.model, in fp32.
+        self.forward = training_forward(self.model, cfg.deepspeed.precision, ctx.device)
         torch.manual_seed(cfg.train.seed + 1 + ctx.rank)  # distinct dropout masks per rank
 
         self.evaluator = Evaluator(self.engine, self.model, cfg.tasks, self.data.inputs, self.data.collators, ctx,

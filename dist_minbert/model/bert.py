@@ -201,7 +201,7 @@ class BertEncoder(nn.Module):
             token_type_ids = torch.zeros_like(input_ids)
         B, T = input_ids.shape
         real = attention_mask.bool()  # (B, T)
-        every_token_real = bool(real.all())  # a CPU-GPU sync point, once per forward
+        every_token_real = bool(real.all())  # a CPU-GPU sync point (nonzero() below another, when it runs)
         key_mask = None if every_token_real else real[:, None, None, :]  # (B, 1, 1, T): True where the key is real
         # A training step (train mode, autograd recording) skips padding: ~2x faster on CS224N batches, and
         # nothing reads those outputs. Otherwise every position is computed, exactly as BertModel does.

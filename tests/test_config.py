@@ -5,13 +5,16 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dist_minbert.config import (ConfigError, RunConfig, SimCSERunConfig, config_from_dict, load_config, load_job_config,
                                  load_simcse_config, save_config)
 from dist_minbert.tasks.registry import BUILTIN_TASKS
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
+TABLES = [p for p in SHIPPED if "rows" in yaml.safe_load(p.read_text())]  # `dist-minbert table`'s configs
+CONFIGS = [p for p in SHIPPED if p not in TABLES]
 
 REVIEWS_TASK = """\
 tasks:
@@ -271,6 +274,17 @@ def test_every_shipped_config_loads(path, monkeypatch):
     cfg = load_job_config(path)
     assert isinstance(cfg, SimCSERunConfig if path.name == "simcse.yaml" else RunConfig)
     assert Path(cfg.train.output_dir).is_absolute()
+
+
+@pytest.mark.parametrize("path", TABLES, ids=[p.name for p in TABLES])
+def test_every_shipped_table_loads_and_so_does_each_of_its_runs(path, monkeypatch):
+    from dist_minbert.table.config import load_table_config, trial_config, trials
+
+    monkeypatch.chdir(REPO)
+    table = load_table_config(path)
+    for trial in trials(table):
+        for run in filter(None, (trial, trial.pretrain)):
+            trial_config(run, table.output_dir)
 
 
 @pytest.mark.parametrize("name", ["b3.yaml", "b1_pcgrad_simcse.yaml"])

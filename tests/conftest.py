@@ -13,6 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Ray Train's controller polls its workers every 2 s, so each run ends up to 2 s after its workers did and waits
+# as long between start-up states; the suite runs some fifty of them. Set before any Ray process starts (this
+# session's instance, the `ray start` clusters of tests/ray_cluster.py), which all inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cs224n"
 TINY_BERT = {
     "model_type": "bert", "architectures": ["BertModel"], "vocab_size": 30522, "hidden_size": 32,

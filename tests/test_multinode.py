@@ -3,7 +3,7 @@ where its files land, and what happens when the node of a non-head rank goes awa
 
 The run is test_engine_checkpoint's (12 steps, a checkpoint every 2, ZeRO-1), started by `dist-minbert train`
 in a process of its own with RAY_ADDRESS naming the cluster (this test process holds the session's own local
-Ray instance). When the run has committed its step-4 checkpoint, the test SIGKILLs the second node's whole
+Ray instance). When the run has committed its step-2 checkpoint, the test SIGKILLs the second node's whole
 process group (raylet, object store, the rank-1 worker) and starts a replacement node; Ray Train restarts
 the group there and the run continues from its latest checkpoint.
 """
@@ -23,7 +23,7 @@ from tests.test_engine_checkpoint import (NUM_STEPS, assert_continues, data_slic
 
 pytestmark = pytest.mark.distributed
 
-KILL_AFTER_CHECKPOINT = 4
+KILL_AFTER_CHECKPOINT = 2
 
 
 @pytest.fixture(scope="module")
@@ -54,26 +54,26 @@ def test_a_run_spans_both_nodes_and_survives_losing_one(cluster, tmp_path_factor
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))  # the task order is the schedule's
     log = tmp_path / "driver.log"
+    first_nodes = cluster.node_ids()
     with open(log, "wb") as sink:
         driver = subprocess.Popen([str(BIN / "dist-minbert"), "train", "--config", str(config)], env=cluster.env,
                                   stdout=sink, stderr=subprocess.STDOUT)
     try:
+        # The rest of the run takes a few seconds (10 steps, 5 checkpoints): the kill must land within them.
         deadline = time.monotonic() + 240
         while committed_step(out) < KILL_AFTER_CHECKPOINT:
             assert driver.poll() is None, log.read_text()
             assert time.monotonic() < deadline, f"no step-{KILL_AFTER_CHECKPOINT} checkpoint:\n{log.read_text()}"
-            time.sleep(0.05)
-        first_nodes = cluster.node_ids()
-        placed = [w["node_id"] for w in train_workers(cluster) if w["state"] == "ALIVE"]
+            time.sleep(0.02)
         cluster.kill_node("node1")
         cluster.add_node("node2", 1)
         assert driver.wait(timeout=300) == 0, log.read_text()
     finally:
         if driver.poll() is None:
             driver.kill()
-    # One rank on each node.
-    assert sorted(placed) == sorted(first_nodes.values())
-    # The restarted group: the head's rank again, the other on the replacement node.
+    attempts = logged_attempts(out)
+    assert len(attempts) == 2, "the node was killed after the run had ended"
+    # One rank on each node, then the restarted group: the head's rank again, the other on the replacement node.
     nodes = cluster.node_ids()
     per_node = {}
     for worker in train_workers(cluster):
@@ -87,7 +87,7 @@ def test_a_run_spans_both_nodes_and_survives_losing_one(cluster, tmp_path_factor
         {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)}
     assert {p.name for p in final.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
     assert len(list(out.glob("ray_train-*"))) == 1
-    first, restarted = logged_attempts(out)
+    first, restarted = attempts
     assert min(first) == 1
     # The restart continued from a checkpoint at or after the kill's, not from the start ...
     resumed_from = min(restarted) - 1

@@ -73,11 +73,29 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
             for (is_shared, decay), params in sorted(groups.items(), key=lambda kv: kv[0], reverse=True)]
 
 
+SHM_COMM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME
+
+
+def skip_shared_memory_all_reduce() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce.
+
+    On CPU, init_distributed builds a C++ op that only `inference_all_reduce` uses, which training never calls:
+    20 s of compiling on every fresh machine, in each worker's first run, and a C++ compiler needed on every
+    node. Its build cache is keyed by the ninja that built it, so workers that find another ninja on PATH
+    (a venv's beside the system's) rebuild it each time they alternate. Marked incompatible, the op is not
+    built and the backend uses the process group's all-reduce, as it does where the op cannot be built.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+
+
 def build_engine(model: torch.nn.Module, ds_cfg: DeepSpeedConfig, optim_cfg: OptimConfig, total_steps: int,
                  use_gpu: bool, world_size: int):
     """deepspeed.initialize around our optimiser and schedule; returns the engine."""
     import deepspeed
 
+    skip_shared_memory_all_reduce()
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     precision = resolve_precision(ds_cfg, use_gpu)
     optimizer = build_optimizer(param_groups(model, optim_cfg), optim_cfg)

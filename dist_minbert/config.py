@@ -6,14 +6,14 @@
 """
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from dist_minbert.config_loader import ConfigError, apply_override, build, parse_override, to_plain
+from dist_minbert.config_loader import (ConfigError, apply_override, build, deep_merge, parse_override, read_yaml,
+                                        to_plain)
 from dist_minbert.contrastive.config import SimCSEConfig
 from dist_minbert.data.config import DataConfig, ScheduleConfig
 from dist_minbert.engine.config import CheckpointConfig, DeepSpeedConfig, OptimConfig, TrainConfig
@@ -87,33 +87,6 @@ class SimCSERunConfig:
                              "micro-batches whose gradients add up; allowed: 1 (use simcse.chunk_size, GradCache)")
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    if path in seen:
-        raise ConfigError(f"{path}: `extends` cycle through {', '.join(map(str, seen))}")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    parent = raw.pop("extends", None)
-    if parent is None:
-        return raw
-    return _deep_merge(_read_yaml((path.parent / parent).resolve(), (*seen, path)), raw)
-
-
-def _deep_merge(base: dict, top: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
 def _with_task_defaults(raw: dict) -> dict:
     tasks = raw.get("tasks")
     if tasks is None:
@@ -125,7 +98,7 @@ def _with_task_defaults(raw: dict) -> dict:
         settings = settings or {}
         if not isinstance(settings, dict):
             raise ConfigError(f"tasks.{name}: expected a mapping of settings, got {settings!r}")
-        filled[name] = _deep_merge(BUILTIN_TASKS.get(name, {}), settings)
+        filled[name] = deep_merge(BUILTIN_TASKS.get(name, {}), settings)
     return {**raw, "tasks": filled}
 
 
@@ -162,7 +135,7 @@ def config_from_dict(raw: dict, base_dir: str | os.PathLike | None = None) -> Ru
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), resolve_paths: bool = True) -> RunConfig:
     """resolve_paths: local relative paths made absolute against the working directory (False: as written)."""
-    raw = _read_yaml(Path(path).resolve()) if path else {}
+    raw = read_yaml(Path(path).resolve()) if path else {}
     raw.setdefault("tasks", {name: {} for name in BUILTIN_TASKS})  # so `tasks.sts.head=…` keeps sst and qqp
     for text in overrides:
         apply_override(raw, *parse_override(text))
@@ -177,7 +150,7 @@ def simcse_config_from_dict(raw: dict, base_dir: str | os.PathLike | None = None
 
 
 def load_simcse_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> SimCSERunConfig:
-    raw = _read_yaml(Path(path).resolve()) if path else {}
+    raw = read_yaml(Path(path).resolve()) if path else {}
     for text in overrides:
         apply_override(raw, *parse_override(text))
     return simcse_config_from_dict(raw, base_dir=Path.cwd())
@@ -185,7 +158,7 @@ def load_simcse_config(path: str | os.PathLike | None, overrides: list[str] = ()
 
 def load_job_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig | SimCSERunConfig:
     """The config of either job: a file with a `simcse:` section is a SimCSE run (`prepare` serves both)."""
-    is_simcse = bool(path) and "simcse" in _read_yaml(Path(path).resolve())
+    is_simcse = bool(path) and "simcse" in read_yaml(Path(path).resolve())
     return load_simcse_config(path, overrides) if is_simcse else load_config(path, overrides)
 
 

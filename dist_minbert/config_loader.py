@@ -5,9 +5,11 @@ so a typo in a config file or on the command line fails before a worker starts, 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
@@ -15,6 +17,36 @@ import yaml
 
 class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key path."""
+
+
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping, merged over its `extends:` parent (a path relative to it), recursively; shared by
+    the run, SimCSE and table configs."""
+    if path in seen:
+        raise ConfigError(f"{path}: `extends` cycle through {', '.join(map(str, seen))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    return deep_merge(read_yaml((path.parent / parent).resolve(), (*seen, path)), raw)
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """`top` over a copy of `base`, mapping by mapping: a child file over its parent, a task over its defaults."""
+    merged = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

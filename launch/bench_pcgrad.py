@@ -8,12 +8,12 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from dist_minbert.bench.pcgrad import TASK_FILES, PCGradBenchConfig, bench_worker, report
+from dist_minbert.bench.common import scratch_folder
+from dist_minbert.bench.pcgrad import PCGradBenchConfig, bench_worker, report, task_data_root
 from launch.config import WorkersConfig
 from launch.ray_run import connect, fit_on_workers
 
@@ -28,41 +28,15 @@ def run_pcgrad_benchmark(config: PCGradBenchConfig | None = None) -> dict:
     config = config or PCGradBenchConfig()
     start = time.perf_counter()
     load_before = os.getloadavg()
-    with contextlib.redirect_stdout(sys.stderr), _scratch(config.output_dir) as scratch:
-        data_root = _task_files(config, scratch / "data")
-        groups = {num_workers: _run_group(config, data_root, scratch, num_workers) for num_workers in (1, 2)}
+    with contextlib.redirect_stdout(sys.stderr), scratch_folder(config.output_dir, "bench-pcgrad-") as scratch:
+        data_root = task_data_root(config, scratch / "data")
+        groups = {num_workers: run_group(config, data_root, scratch, num_workers) for num_workers in (1, 2)}
     return report(config, groups, wall_s=time.perf_counter() - start,
                   load_average=[round(x, 2) for x in (*load_before, *os.getloadavg())])
 
 
-@contextlib.contextmanager
-def _scratch(output_dir: str):
-    if output_dir:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        yield Path(output_dir).resolve()  # workers may run in another folder
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-pcgrad-") as folder:
-            yield Path(folder)
-
-
-def _task_files(config: PCGradBenchConfig, folder: Path) -> str:
-    """The data root the runs read: the shared files, or their first max_rows rows (no CS224N row spans lines)."""
-    if not config.max_rows:
-        return str(Path(config.data_root).resolve())
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in TASK_FILES.values():
-        source = Path(config.data_root) / name
-        if not source.is_file():
-            raise FileNotFoundError(f"data_root: {source} not found; "
-                                    f"allowed: a folder with {', '.join(TASK_FILES.values())}")
-        with source.open(encoding="utf-8") as lines:
-            head = [line for _, line in zip(range(config.max_rows + 1), lines)]
-        (folder / name).write_text("".join(head), encoding="utf-8")
-    return str(folder)
-
-
-def _run_group(config: PCGradBenchConfig, data_root: str, scratch: Path, num_workers: int,
-               worker_fn=bench_worker, name: str = "bench-pcgrad") -> dict:
+def run_group(config: PCGradBenchConfig, data_root: str, scratch: Path, num_workers: int,
+              worker_fn=bench_worker, name: str = "bench-pcgrad") -> dict:
     """`worker_fn` (bench_worker, or another benchmark's worker on the same runs) on num_workers Ray Train workers;
     the JSON its rank 0 wrote."""
     threads = config.threads_per_worker

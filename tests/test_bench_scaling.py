@@ -12,16 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_minbert.bench.pcgrad import PCGradBenchConfig, quick_config
+from dist_minbert.bench.pcgrad import PCGradBenchConfig, quick_config, task_data_root
 from dist_minbert.bench.scaling import TARGET_STEP_RATIO_VS_DDP, report
-from launch.bench_pcgrad import _task_files
 from launch.bench_scaling import ddp_group, run_scaling_benchmark
 
 
 @pytest.mark.distributed
 def test_ddp_loop_on_2_processes_takes_the_1_process_gradient(tiny_checkpoint, shared_data, tmp_path):
     config = quick_config(checkpoint=tiny_checkpoint, data_root=str(shared_data), max_rows=32, dropout=0.0)
-    data_root = _task_files(config, tmp_path / "data")
+    data_root = task_data_root(config, tmp_path / "data")
     gradients = {}
     for n in (1, 2):
         ddp_group(config, data_root, tmp_path, n, gradient_path=str(tmp_path / f"gradient-{n}.pt"))

@@ -10,8 +10,8 @@ the two modes' wall-clock step times after warm-up; CPU seconds per step (the wo
 threads) stand beside them because they hardly move with load from other processes. Peak gradient
 memory is the most bytes of gradient buffers a rank held at once (.grad, per-task rows, shards).
 
-This module is what the workers run and the report; the driver that launches the groups is
-launch/bench_pcgrad.py, since nothing in dist_minbert starts Ray.
+This module is what the workers run, the files they read and the report; the driver that launches the
+groups is launch/bench_pcgrad.py, since nothing in dist_minbert starts Ray.
 """
 from __future__ import annotations
 
@@ -77,6 +77,22 @@ def quick_config(**overrides) -> PCGradBenchConfig:
     return PCGradBenchConfig(**{**quick, **overrides})
 
 
+def task_data_root(config: PCGradBenchConfig, folder: Path) -> str:
+    """The data root the runs read: the shared files, or their first max_rows rows (no CS224N row spans lines)."""
+    if not config.max_rows:
+        return str(Path(config.data_root).resolve())
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in TASK_FILES.values():
+        source = Path(config.data_root) / name
+        if not source.is_file():
+            raise FileNotFoundError(f"data_root: {source} not found; "
+                                    f"allowed: a folder with {', '.join(TASK_FILES.values())}")
+        with source.open(encoding="utf-8") as lines:
+            head = [line for _, line in zip(range(config.max_rows + 1), lines)]
+        (folder / name).write_text("".join(head), encoding="utf-8")
+    return str(folder)
+
+
 def report(config: PCGradBenchConfig, groups: dict[int, dict], wall_s: float, load_average: list[float]) -> dict:
     """The JSON object: per-group measurements, the headline figures, the targets and whether they pass."""
     one, two = groups[1], groups[2]
@@ -136,7 +152,7 @@ def bench_worker(loop_config: dict) -> None:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     config = PCGradBenchConfig(**loop_config["bench"])
     num_workers = loop_config["num_workers"]
-    build = _builder(config, loop_config, num_workers)
+    build = trainer_builder(config, loop_config, num_workers)
     runs, sizes = _timed_pair(build, config)
     default_plan = resolve_plan("auto", dist.get_backend())
     if num_workers > 1:
@@ -155,9 +171,10 @@ def bench_worker(loop_config: dict) -> None:
              "threads_per_worker": config.threads_per_worker, "default_plan": default_plan, "runs": runs}))
 
 
-def _run_config(config: PCGradBenchConfig, data_root: str, output_dir: str, num_workers: int, mode: str,
-                plan: str) -> dict:
-    """The training run a benchmark worker builds: the demo's tasks and heads, only the train splits."""
+def run_config(config: PCGradBenchConfig, data_root: str, output_dir: str, num_workers: int, mode: str,
+               plan: str) -> dict:
+    """The training run a benchmark worker builds (bench scaling's too): the demo's tasks and heads, only the
+    train splits."""
     heads = {"sst": "linear", "qqp": "cross", "sts": "cross"}
     num_steps = max(config.warmup_steps + config.timed_steps, 1 + config.plan_steps)
     return {
@@ -175,14 +192,15 @@ def _run_config(config: PCGradBenchConfig, data_root: str, output_dir: str, num_
     }
 
 
-def _builder(config: PCGradBenchConfig, loop_config: dict, num_workers: int):
+def trainer_builder(config: PCGradBenchConfig, loop_config: dict, num_workers: int):
+    """`build(mode, plan, name)` → a Trainer on run_config, in its own folder (bench scaling's ours side too)."""
     from dist_minbert.config import config_from_dict
     from dist_minbert.engine.dist_context import DistContext
     from dist_minbert.engine.trainer import Trainer
 
     def build(mode: str, plan: str, name: str) -> Trainer:
         out = Path(loop_config["scratch"]) / f"{num_workers}w-{name}"
-        raw = _run_config(config, loop_config["data_root"], str(out), num_workers, mode, plan)
+        raw = run_config(config, loop_config["data_root"], str(out), num_workers, mode, plan)
         return Trainer(config_from_dict(raw), DistContext.current(use_gpu=False))
 
     return build

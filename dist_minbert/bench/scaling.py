@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dist_minbert.bench.pcgrad import TASK_FILES, PCGradBenchConfig, _builder, _run_config
-from dist_minbert.bench.simcse import _start_process
+from dist_minbert.bench.common import start_process
+from dist_minbert.bench.pcgrad import TASK_FILES, PCGradBenchConfig, run_config, trainer_builder
 
 TARGET_STEP_RATIO_VS_DDP = 0.97
 MODE, PLAN = "pcgrad", "auto"  # the production step: exact PCGrad, the backend's default plan
@@ -74,7 +74,7 @@ def ours_worker(loop_config: dict) -> None:
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # the report alone on the driver's stdout
     config = PCGradBenchConfig(**loop_config["bench"])
-    trainer = _builder(config, loop_config, loop_config["num_workers"])(MODE, PLAN, "ours")
+    trainer = trainer_builder(config, loop_config, loop_config["num_workers"])(MODE, PLAN, "ours")
     timings = _timed_steps(config, trainer.positions(), trainer.read_step, trainer.train_step)
     if dist.get_rank() == 0:
         Path(loop_config["result_path"]).write_text(json.dumps(timings))
@@ -188,7 +188,7 @@ def ddp_worker(rank: int, world_size: int, store: str, raw: dict, job: dict, res
     """One process of the DDP group: the loop's warm-up and timed steps; rank 0 may also save its first
     step's gradient (job["gradient_path"]) for the equivalence test."""
     try:
-        _start_process(raw)  # stdout to stderr, OMP and torch threads
+        start_process(raw)  # stdout to stderr, OMP and torch threads
         from dist_minbert.config import config_from_dict
         from dist_minbert.engine.dist_context import DistContext
 
@@ -196,7 +196,7 @@ def ddp_worker(rank: int, world_size: int, store: str, raw: dict, job: dict, res
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=600))
         out = Path(job["scratch"]) / f"{world_size}w-ddp"
-        cfg = config_from_dict(_run_config(config, job["data_root"], str(out), world_size, MODE, PLAN))
+        cfg = config_from_dict(run_config(config, job["data_root"], str(out), world_size, MODE, PLAN))
         loop = DDPLoop(cfg, DistContext.current(use_gpu=False), out)
         if job.get("gradient_path"):
             position = loop.data.positions()[0]

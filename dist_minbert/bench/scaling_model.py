@@ -115,12 +115,12 @@ def encoder_size(spec: str) -> tuple[dict, int]:
     (a folder, an fsspec URL or "embedded", whose weights are read)."""
     from dataclasses import asdict
 
-    from dist_minbert.bench.simcse import _num_params
+    from dist_minbert.bench.common import encoder_num_params
     from dist_minbert.model.bert import BertConfig
     from dist_minbert.model.checkpoint import load_encoder
 
     if spec in NAMED_SIZES:
         config = BertConfig.from_hf_dict(NAMED_SIZES[spec])
-        return asdict(config), _num_params(config)
+        return asdict(config), encoder_num_params(config)
     encoder = load_encoder(spec)
     return asdict(encoder.config), sum(p.numel() for p in encoder.parameters())

@@ -30,23 +30,18 @@ same embedding); SimCSE's [CLS]+MLP adds one H×H matmul per sentence, nothing m
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import queue
 import statistics
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from multiprocessing import get_context
 from pathlib import Path
 
+from dist_minbert.bench.common import (PROCESS_TIMEOUT_S, encoder_num_params, scratch_folder, spawn_group,
+                                       start_process)
 from dist_minbert.bench.flops import forward_flops_per_token
-from dist_minbert.data.bench import _rss_mb
 from dist_minbert.data.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -55,7 +50,6 @@ TARGETS = {"step_ratio_vs_sentence_transformers": 1.2}  # ours faster by this mu
 EPOCH_SENTENCES = 1_000_000  # epoch_hours_here: the study's corpus, 1M sentences
 POOLING = "mean"
 COMPARE_CORPORA = ("tasks", "generated")  # the headline ratio is on the first: real sentences
-PROCESS_TIMEOUT_S = 1800  # a group that has not reported by then has hung (a collective waiting for a dead rank)
 
 
 @dataclass
@@ -156,7 +150,7 @@ def run_simcse_benchmark(config: SimCSEBenchConfig | None = None) -> dict:
     config = config or SimCSEBenchConfig()
     start = time.perf_counter()
     load_before = os.getloadavg()
-    with _scratch(config.output_dir) as scratch:
+    with scratch_folder(config.output_dir, "bench-simcse-") as scratch:
         corpus, shards, prepare_s = _prepare(config, scratch)
         stream = _run_group(config, scratch, "stream", shards, config.batch_size_per_worker, None,
                             config.warmup_steps + config.stream_steps, num_timed=config.stream_steps)
@@ -172,20 +166,10 @@ def run_simcse_benchmark(config: SimCSEBenchConfig | None = None) -> dict:
             except RuntimeError as exc:  # killed for memory after all: the figure is missing, the rest stands
                 skipped = f"failed: {exc}"
         began = time.perf_counter()
-        compare = _spawn(config, _compare_worker, 1, scratch / "compare", corpus)[0]
+        compare = spawn_group(config, _compare_worker, 1, scratch / "compare", corpus)[0]
         log.info("bench simcse: compare took %.1f s", time.perf_counter() - began)
     return report(config, stream, memory, skipped, compare, prepare_s, wall_s=time.perf_counter() - start,
                   load_average=[round(x, 2) for x in (*load_before, *os.getloadavg())])
-
-
-@contextlib.contextmanager
-def _scratch(output_dir: str) -> Iterator[Path]:
-    if output_dir:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        yield Path(output_dir).resolve()
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-simcse-") as folder:
-            yield Path(folder)
 
 
 def _prepare(config: SimCSEBenchConfig, scratch: Path) -> tuple[str, str, float]:
@@ -212,7 +196,7 @@ def _run_group(config: SimCSEBenchConfig, scratch: Path, name: str, shards: str,
     job = {"shards": shards, "batch_per_worker": batch_per_worker, "chunk_size": chunk_size, "num_steps": num_steps,
            "prime": prime}
     began = time.perf_counter()
-    ranks = _spawn(config, _simcse_worker, config.num_workers, scratch / name, job)
+    ranks = spawn_group(config, _simcse_worker, config.num_workers, scratch / name, job)
     log.info("bench simcse: %s (%d per worker, chunk %s, %d steps) took %.1f s", name, batch_per_worker, chunk_size,
              num_steps, time.perf_counter() - began)
     for rank in ranks:
@@ -256,51 +240,6 @@ def _uncached_large_skip(config: SimCSEBenchConfig, small: dict) -> str:
 def _mem_available_mb() -> float:
     with open("/proc/meminfo") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 1024  # kB
-
-
-def _spawn(config: SimCSEBenchConfig, target, num_processes: int, folder: Path, job) -> list[dict]:
-    """`target(rank, num_processes, store, config, job, results)` in fresh processes; their results by rank.
-
-    A process that dies without reporting fails the run (and the others are ended: they would wait for it in a
-    collective), as does one that reports an error.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    store = folder / "process-group-store"
-    store.unlink(missing_ok=True)  # a FileStore file must be new for each group
-    # Forked from a server that has imported this module (torch and the data path with it), and what the
-    # first model build (torch._dynamo, ~1.6 s) and the first Arrow take (pandas) import lazily, and has
-    # done nothing else: a process starts in ~0.2 s instead of ~4 s spawned, still with a fresh heap (the
-    # server never ran a step or an OpenMP region) and the same baseline RSS in every run.
-    ctx = get_context("forkserver")
-    ctx.set_forkserver_preload([__name__, "torch._dynamo", "pandas"])
-    results = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(rank, num_processes, str(store), asdict(config), job, results))
-             for rank in range(num_processes)]
-    for proc in procs:
-        proc.start()
-    out: list[dict] = []
-    deadline = time.monotonic() + PROCESS_TIMEOUT_S
-    try:
-        while len(out) < num_processes:
-            try:
-                out.append(results.get(timeout=1.0))
-            except queue.Empty:
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead or time.monotonic() > deadline:
-                    raise RuntimeError(f"bench simcse {folder.name}: a process "
-                                       f"{'exited with ' + str(dead[0].exitcode) if dead else 'hung'} "
-                                       f"without reporting") from None
-                continue
-            if "error" in out[-1]:
-                raise RuntimeError(f"bench simcse {folder.name} rank {out[-1]['rank']} failed: {out[-1]['error']}")
-        for proc in procs:
-            proc.join()
-    finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()
-                proc.join()
-    return sorted(out, key=lambda r: r["rank"])
 
 
 # -- report ------------------------------------------------------------------------------------------------------
@@ -383,7 +322,7 @@ def projection(params: ProjectionConfig, compare: dict, max_length: int) -> dict
     small_flops, base_flops = train_flops_per_sentence(small, tokens), train_flops_per_sentence(base, tokens)
     flop_ratio = base_flops / small_flops
     gpu_s_per_sentence = cpu_s_per_sentence * flop_ratio / params.gpu_vs_cpu_worker
-    num_params = _num_params(BertConfig())
+    num_params = encoder_num_params(BertConfig())
     batch = params.batch_size_per_gpu
     rows = {}
     for num_gpus in params.gpu_counts:
@@ -418,32 +357,12 @@ def projection(params: ProjectionConfig, compare: dict, max_length: int) -> dict
     }
 
 
-def _num_params(config) -> int:
-    import torch
-
-    from dist_minbert.model.bert import BertEncoder
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in BertEncoder(config).parameters())
-
-
 # -- worker side -------------------------------------------------------------------------------------------------
-def _start_process(config: dict) -> None:
-    """Every spawned process: stdout to stderr (the report stands alone on stdout), its torch threads."""
-    sys.stdout.flush()
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    os.environ["OMP_NUM_THREADS"] = str(config["threads_per_worker"])  # before torch's OpenMP starts
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    import torch
-
-    torch.set_num_threads(config["threads_per_worker"])
-
-
 def _simcse_worker(rank: int, world_size: int, store: str, raw: dict, job: dict, results) -> None:
     """One worker of a group: streams its share of each step's global batch and takes SimCSE steps."""
     try:
         started = time.perf_counter()
-        _start_process(raw)
+        start_process(raw)
         import torch
         import torch.distributed as dist
 
@@ -456,7 +375,7 @@ def _simcse_worker(rank: int, world_size: int, store: str, raw: dict, job: dict,
         from dist_minbert.data.stream import TaskStream
         from dist_minbert.model.checkpoint import load_encoder
         from dist_minbert.model.tokenizer import WordPieceTokenizer
-        from dist_minbert.observe.memory import peak_rss_mb
+        from dist_minbert.observe.memory import peak_rss_mb, rss_mb
 
         config = SimCSEBenchConfig(**raw)
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
@@ -466,7 +385,7 @@ def _simcse_worker(rank: int, world_size: int, store: str, raw: dict, job: dict,
         embed = SentenceEncoder(load_encoder(config.checkpoint, dropout=config.dropout), POOLING).train()
         parameters = list(embed.parameters())
         optimizer = torch.optim.AdamW(parameters, lr=config.lr, fused=True)
-        rss_after_load = _rss_mb()
+        rss_after_load = rss_mb()
         load_s = time.perf_counter() - started
         if job["prime"]:
             _prime(embed, tokenizer, parameters, optimizer, config, world_size)
@@ -536,7 +455,7 @@ def _average_gradients(parameters: list, grads: list, world_size: int) -> None:
 def _compare_worker(rank: int, world_size: int, store: str, raw: dict, corpus: str, results) -> None:
     """One process, no group: our SimCSE step and sentence-transformers' MNRL step, alternating."""
     try:
-        _start_process(raw)
+        start_process(raw)
         os.environ["HF_HUB_OFFLINE"] = "1"
         import numpy as np
 

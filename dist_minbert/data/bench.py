@@ -176,11 +176,6 @@ def _cpu_s() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def _stream_rank(url, rank, num_ranks, batch_size_per_rank, prefetch, max_length, checkpoint, seed, start, results):
     try:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -191,11 +186,11 @@ def _stream_rank(url, rank, num_ranks, batch_size_per_rank, prefetch, max_length
         from dist_minbert.data.step_reader import StepReader
         from dist_minbert.data.shards import open_source
         from dist_minbert.data.stream import TaskStream
-        from dist_minbert.observe.memory import peak_rss_mb
+        from dist_minbert.observe.memory import peak_rss_mb, rss_mb
 
         torch.set_num_threads(1)
         tok = WordPieceTokenizer.from_checkpoint(checkpoint)
-        rss_after_imports = _rss_mb()
+        rss_after_imports = rss_mb()
         streams = {"corpus": TaskStream(open_source(url), seed, num_ranks, rank)}
         global_batch = batch_size_per_rank * num_ranks
         steps = len(streams["corpus"].source) // global_batch

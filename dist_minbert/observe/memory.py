@@ -1,6 +1,7 @@
-"""Peak memory of every rank: host RSS, and CUDA memory where the rank has a GPU."""
+"""Memory of every rank: host RSS (now and at its peak), and CUDA memory where the rank has a GPU."""
 from __future__ import annotations
 
+import os
 import resource
 import sys
 
@@ -18,6 +19,12 @@ def peak_rss_mb() -> float:
     except FileNotFoundError:
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MiB: the baseline a measured peak (peak_rss_mb) is compared with."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def gather_per_rank(values: list[float], device: torch.device | str) -> torch.Tensor:

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from dist_minbert.config import _read_yaml, load_config, load_simcse_config
-from dist_minbert.config_loader import ConfigError, apply_override, build, parse_override
+from dist_minbert.config import load_config, load_simcse_config
+from dist_minbert.config_loader import ConfigError, apply_override, build, parse_override, read_yaml
 
 
 RESERVED_NAMES = ("pretrain", "tune")  # folders under the table's output_dir besides the rows'
@@ -152,7 +152,7 @@ class Trial:
 
 def load_table_config(path: str | os.PathLike, overrides: list[str] = ()) -> TableConfig:
     """The table, with every row's run config (and pretrain's SimCSE config) built and validated."""
-    raw = _read_yaml(Path(path).resolve())
+    raw = read_yaml(Path(path).resolve())
     for text in overrides:
         apply_override(raw, *parse_override(text))
     table = build(TableConfig, raw)
@@ -200,7 +200,7 @@ def trials(table: TableConfig, rows: list[str] | None = None, seeds: int | None 
 
 
 def _config_digest(path: str) -> str:
-    return _digest(_read_yaml(Path(path).resolve()))
+    return _digest(read_yaml(Path(path).resolve()))
 
 
 def _digest(value: Any) -> str:

@@ -30,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _set_verbose(args.verbose)
     cfg = load_config(args.config, _with_resume(args.overrides, args.resume))
     summary = run_training(cfg)
-    _print_summary(summary)
+    print_summary(summary)
     return 0
 
 
@@ -41,7 +41,7 @@ def cmd_simcse(args: argparse.Namespace) -> int:
     _set_verbose(args.verbose)
     cfg = load_simcse_config(args.config, _with_resume(args.overrides, args.resume))
     summary = run_simcse(cfg)
-    _print_summary(summary)
+    print_summary(summary)
     print(f"encoder      {summary['paths']['encoder']}  (a model.checkpoint for `dist-minbert train`)")
     return 0
 
@@ -62,7 +62,7 @@ def _set_verbose(verbose: bool) -> None:
         os.environ[VERBOSE_ENV] = "1"
 
 
-def _print_summary(summary: dict) -> None:
+def print_summary(summary: dict) -> None:
     print("\n== dist-minbert run summary ==")
     print(f"workers {summary['num_workers']}, steps {summary['steps']}, "
           f"{summary['samples_per_s']:.1f} samples/s, wall {summary['wall_s']:.0f}s")

@@ -119,9 +119,9 @@ def test_summary_has_the_issue_keys_with_the_right_shapes(run):
 
 
 def test_train_prints_the_dev_metrics_and_where_the_files_are(run, capsys):
-    from dist_minbert.cli import _print_summary
+    from dist_minbert.cli import print_summary
 
-    _print_summary(run.summary)
+    print_summary(run.summary)
     out = capsys.readouterr().out
     assert "workers 2, steps 2" in out
     assert f"sst accuracy {run.summary['best_dev']['sst']['accuracy']:.3f}" in out

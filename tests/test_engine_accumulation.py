@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.ray_workers import run_on_workers
-from tests.test_engine_distributed import _run_config, data_slice  # noqa: F401  (fixture)
+from tests.test_engine_distributed import data_slice, engine_run_config  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.distributed
 
@@ -77,7 +77,7 @@ def accumulation_runs(config: dict) -> None:
 
 
 def _run(tiny_checkpoint, data_root, out: Path, mode: str, accumulation: int) -> dict:
-    run = _run_config(tiny_checkpoint, data_root, out, 2, name="sgd", lr=0.05)
+    run = engine_run_config(tiny_checkpoint, data_root, out, 2, name="sgd", lr=0.05)
     run["surgery"] = {"mode": mode}
     run["deepspeed"]["gradient_accumulation_steps"] = accumulation
     return run

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.ray_workers import run_on_workers
-from tests.test_engine_distributed import _run_config, data_slice  # noqa: F401  (fixture)
+from tests.test_engine_distributed import data_slice, engine_run_config  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.distributed
 
@@ -98,7 +98,7 @@ def test_autocast_bf16_gradients_are_fp32s_within_bf16_rounding(ray_session, tin
 
     from tests.test_contrastive_grad_cache import sentences
 
-    run = _run_config(tiny_checkpoint, data_slice, tmp_path / "run", 2)
+    run = engine_run_config(tiny_checkpoint, data_slice, tmp_path / "run", 2)
     run["surgery"] = {"mode": "pcgrad"}
     run["schedule"]["tasks_per_step"] = 3  # the step's Gram matrix has every task
     batches = [{key: value.tolist() for key, value in sentences(NUM_SENTENCES, seed=rank).items()} for rank in (0, 1)]

@@ -87,7 +87,7 @@ def data_slice(tmp_path_factory, shared_data) -> Path:
     return folder
 
 
-def _run_config(tiny_checkpoint: str, data_root: Path, out: Path, num_workers: int, **optim) -> dict:
+def engine_run_config(tiny_checkpoint: str, data_root: Path, out: Path, num_workers: int, **optim) -> dict:
     from dist_minbert.config import config_from_dict
     from dist_minbert.config_loader import to_plain
 
@@ -110,7 +110,7 @@ def _run_config(tiny_checkpoint: str, data_root: Path, out: Path, num_workers: i
 
 
 def test_two_workers_loss_falls_and_ranks_stay_identical(ray_session, tiny_checkpoint, data_slice, tmp_path):
-    run = _run_config(tiny_checkpoint, data_slice, tmp_path / "run", 2, lr=1e-3)
+    run = engine_run_config(tiny_checkpoint, data_slice, tmp_path / "run", 2, lr=1e-3)
     steps_per_epoch = NUM_ROWS // 8
     result = run_on_workers(loop_losses_and_sync, {"run": run, "steps": 3 * steps_per_epoch}, 2, tmp_path)
     # DeepSpeed averages gradients and every rank applies the same update: parameters stay bit-identical.
@@ -130,7 +130,7 @@ def test_two_workers_equal_one_worker_with_the_union_batch(ray_session, tiny_che
     # gradient of the mean over all 8 rows — as on 1 worker. A sum instead of a mean would be off by 2×.
     results = {}
     for n in (1, 2):
-        run = _run_config(tiny_checkpoint, data_slice, tmp_path / f"sgd{n}", n, name="sgd", lr=0.05)
+        run = engine_run_config(tiny_checkpoint, data_slice, tmp_path / f"sgd{n}", n, name="sgd", lr=0.05)
         run_on_workers(loop_sgd_gradients, {"run": run, "steps": STEPS}, n, tmp_path)
         results[n] = torch.load(str(tmp_path / f"result-{n}w.json.pt"))
     one, two = results[1], results[2]

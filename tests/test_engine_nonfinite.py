@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.ray_workers import run_on_workers
-from tests.test_engine_distributed import _run_config, data_slice  # noqa: F401  (fixture)
+from tests.test_engine_distributed import data_slice, engine_run_config  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.distributed
 
@@ -47,7 +47,7 @@ def loop_with_nan_on_rank_1(config: dict) -> None:
 @pytest.mark.parametrize("mode", ["sum", "pcgrad"])
 def test_nan_on_one_rank_skips_the_step_everywhere_then_stops(mode, ray_session, tiny_checkpoint, data_slice,
                                                                 tmp_path):
-    run = _run_config(tiny_checkpoint, data_slice, tmp_path / "run", 2, lr=1e-3)
+    run = engine_run_config(tiny_checkpoint, data_slice, tmp_path / "run", 2, lr=1e-3)
     run["surgery"] = {"mode": mode}
     run["train"]["max_nonfinite_steps"] = 2
     # Step 2 alone is poisoned (skipped, training goes on); steps 4 and 5 in a row stop the run at step 5.

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.ray_workers import run_on_workers
-from tests.test_engine_distributed import _run_config, data_slice  # noqa: F401  (fixture)
+from tests.test_engine_distributed import data_slice, engine_run_config  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.distributed
 STEPS = 2
@@ -98,7 +98,7 @@ def loop_pcgrad(config: dict) -> None:
 
 
 def _pcgrad_run(tiny_checkpoint, data_root, out, zero_stage: int, plan: str) -> dict:
-    run = _run_config(tiny_checkpoint, data_root, out, 2, name="sgd", lr=0.05)
+    run = engine_run_config(tiny_checkpoint, data_root, out, 2, name="sgd", lr=0.05)
     run["surgery"] = {"mode": "pcgrad", "plan": plan}
     run["deepspeed"]["zero_stage"] = zero_stage
     return run

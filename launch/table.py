@@ -24,7 +24,7 @@ from ray.tune import Callback
 
 from dist_minbert.config_loader import to_plain
 from dist_minbert.table.config import TableConfig, Trial, load_table_config, trial_config, trials
-from dist_minbert.table.report import write_report
+from dist_minbert.table.report import best_of_runs, write_report
 from dist_minbert.table.results import Results, finished_record, git_commit, machine_description, trial_record
 from launch import output
 
@@ -245,8 +245,7 @@ def _analyse_best(table: TableConfig, results: Results) -> dict | None:
     `analysis_dir`, recorded as the results file's `best` (kept as it is when nothing better is here)."""
     from dist_minbert.analysis.run_analysis import analyse_run
 
-    records = [r for r in results.finished_records(trials(table, table.best_of) if table.best_of else [])
-               if r["score"] is not None and (Path(r["run_dir"]) / "checkpoints").is_dir()]
+    records = [r for r in best_of_runs(table, results) if (Path(r["run_dir"]) / "checkpoints").is_dir()]
     if not records:
         return results.best
     best = max(records, key=lambda r: r["score"])

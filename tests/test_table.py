@@ -149,6 +149,28 @@ def test_report_shows_unrun_and_stale_rows_as_pending(files, tmp_path):
     assert f"train.output_dir={tmp_path / 'runs' / 'plain' / 'seed-1'}   # m, commit c" in text
 
 
+def test_report_names_a_better_run_whose_folder_was_not_here(files, tmp_path):
+    table = load_table_config(files.table(tmp_path, rows={"pcgrad": {"config": str(files.row_config), "seeds": 2}},
+                                          ordering=[]), [])
+    seed0, seed1 = trials(table)
+    dev = {"sst": {"accuracy": 0.5}, "qqp": {"accuracy": 0.8}, "sts": {"pearson": 0.6, "spearman": 0.6}}
+    results = Results(tmp_path / "results.json")
+    for trial, score in ((seed0, 0.70), (seed1, 0.75)):
+        results.records[trial.key] = {"key": trial.key, "row": "pcgrad", "seed": trial.seed, "kind": "train",
+                                      "fingerprint": trial.fingerprint, "dev": dev, "score": score, "wall_s": 60.0,
+                                      "steps": 40, "machine": "m", "commit": "c", "run_dir": f"runs/{trial.seed}"}
+    results.set_best({"key": seed0.key, "row": "pcgrad", "seed": 0, "score": 0.70, "run_dir": "runs/0",
+                      "analysis": {}, "predictions": {}, "commands": []})
+    text = write_report(table, results, "table.yaml", tmp_path / "RESULTS.md")
+    assert ("The best recorded run of `pcgrad` is `pcgrad/seed-1` (score 0.7500, 0.0500 above), but its run folder "
+            "`runs/1` was not on the machine that analysed, so the analysis below is of `pcgrad/seed-0`") in text
+    # Once the better run is the analysed one, the report says only that.
+    results.set_best({**results.best, "key": seed1.key, "seed": 1, "score": 0.75, "run_dir": "runs/1"})
+    text = write_report(table, results, "table.yaml", tmp_path / "RESULTS.md")
+    assert "From the best analysed run of `pcgrad` (seed 1, score 0.7500, `runs/1`):" in text
+    assert "was not on the machine" not in text
+
+
 def test_an_edited_row_config_is_another_run(files, tmp_path):
     row_config = tmp_path / "row.yaml"
     row_config.write_text(files.row_config.read_text())

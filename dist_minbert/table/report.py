@@ -101,7 +101,7 @@ def _sections(table: TableConfig, results: Results, config_path: str, base: Path
     lines += _targets(table, results) + _ordering(table, results)
     if table.notes.strip():
         lines += ["## Notes", "", table.notes.strip(), ""]
-    lines += _best(results, base)
+    lines += _best(table, results, base)
     lines += _commands(table, results)
     return lines
 
@@ -159,13 +159,19 @@ def _ordering(table: TableConfig, results: Results) -> list[str]:
     return [*lines, ""]
 
 
-def _best(results: Results, base: Path) -> list[str]:
+def _best(table: TableConfig, results: Results, base: Path) -> list[str]:
     best = results.best
     if not best:
         return ["## Analysis and test-set predictions", "", "pending: no run of the analysed rows has finished.", ""]
     lines = ["## Analysis and test-set predictions", "",
-             f"From the best run of `{best['row']}` (seed {best['seed']}, score {best['score']:.4f}, "
+             f"From the best analysed run of `{best['row']}` (seed {best['seed']}, score {best['score']:.4f}, "
              f"`{best['run_dir']}`):", ""]
+    top = max(best_of_runs(table, results), key=lambda r: r["score"], default=None)
+    if top is not None and top["key"] != best["key"] and top["score"] > best["score"]:
+        lines[-2] = (f"The best recorded run of {', '.join(f'`{n}`' for n in table.best_of)} is `{top['key']}` "
+                     f"(score {top['score']:.4f}, {top['score'] - best['score']:.4f} above), but its run folder "
+                     f"`{top['run_dir']}` was not on the machine that analysed, so the analysis below is of "
+                     f"`{best['key']}` (score {best['score']:.4f}, `{best['run_dir']}`):")
     for name, path in best["analysis"].items():
         link = _rel(path, base)
         lines.append(f"- {name}:\n\n  ![{name}]({link})" if link.endswith(".png") else f"- {name}: [`{link}`]({link})")
@@ -173,6 +179,12 @@ def _best(results: Results, base: Path) -> list[str]:
         lines.append(f"- {task} test-set predictions (CS224N format): [`{_rel(path, base)}`]({_rel(path, base)})")
     lines += ["", "```bash", *best["commands"], "```", ""]
     return lines
+
+
+def best_of_runs(table: TableConfig, results: Results) -> list[dict]:
+    """The recorded runs of `best_of` that have a score: those the analysis picks its run from."""
+    return [r for r in results.finished_records(trials(table, table.best_of) if table.best_of else [])
+            if r["score"] is not None]
 
 
 def _commands(table: TableConfig, results: Results) -> list[str]:

@@ -82,8 +82,10 @@ JOBS = {
     "staggered": Job(("sst", "qqp", "sts"), (
         "schedule.name=staggered", "schedule.stagger_tasks=[qqp]", "schedule.stagger_epochs=1",
         "schedule.steps_per_epoch=2", "train.epochs=2")),
-    # K = 3 steps: batches ceil(48/3)=16 → 16, ceil(16/3)=6 → 8, ceil(32/3)=11 → 16 (multiples of 8).
-    "proportional": Job(("sst", "qqp", "sts"), ("schedule.name=proportional_batch", "schedule.steps_per_epoch=3")),
+    # K = 3 steps: batches ceil(48/3)=16 → 16, ceil(16/3)=6 → 8, ceil(32/3)=11 → 16 (multiples of 8); dev
+    # evaluated at step 2 besides the epoch's end.
+    "proportional": Job(("sst", "qqp", "sts"), ("schedule.name=proportional_batch", "schedule.steps_per_epoch=3",
+                                                "train.eval_every_steps=2")),
     "corpus_annealed_pcgrad": Job(("sst", "sts", "corpus"), (
         "schedule.name=annealed", "schedule.tasks_per_step=2", "schedule.steps_per_epoch=3", "train.epochs=2",
         "surgery.mode=pcgrad", "deepspeed.precision=autocast_bf16"), weighting="pcgrad"),
@@ -247,6 +249,18 @@ def test_each_step_consumes_the_batch_sizes_of_its_plan(runs, name):
         assert consumed == {step: float(p.get(task, 0)) for step, p in plan.items()}, task
     if run.cfg.schedule.name == "proportional_batch":
         assert plan[1] == {"sst": 16, "qqp": 8, "sts": 16}  # worked out by hand in JOBS
+
+
+@every_job
+def test_dev_is_evaluated_at_epoch_ends_and_every_eval_every_steps(runs, name):
+    """Before the first step, at each epoch's last step, and every train.eval_every_steps steps where set."""
+    run = runs(name)
+    plan, epoch = expected_plan(run.cfg), run.scalars["epoch"]
+    last = max(plan)
+    epoch_ends = {s for s in plan if s == last or epoch[s + 1] != epoch[s]}
+    every = run.cfg.train.eval_every_steps
+    periodic = set(range(every, last + 1, every)) if every else set()
+    assert set(run.scalars["dev/score"]) == {0} | epoch_ends | periodic
 
 
 @every_job

@@ -53,6 +53,9 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 0  # stop after this many optimizer steps in total; 0 = no limit
     eval_every_epoch: bool = True  # dev evaluation after each epoch (best checkpoint by the overall score)
+    # Dev evaluation every this many steps besides the epoch ends (0 = off), for schedules with long epochs;
+    # SimCSE has its own, simcse.eval_every_steps.
+    eval_every_steps: int = 0
     eval_batch_size: int = 128  # global rows per evaluation batch
     eval_max_rows: int = 0  # cap dev rows per task (quick runs); 0 = all
     predict_splits: list[str] | None = None  # splits to write predictions for at the end; None = dev and test
@@ -63,6 +66,8 @@ class TrainConfig:
             raise ValueError(f"epochs: {self.epochs} must be ≥ 1")
         if self.max_steps < 0 or self.eval_max_rows < 0:
             raise ValueError("max_steps / eval_max_rows must be ≥ 0 (0 = no limit)")
+        if self.eval_every_steps < 0:
+            raise ValueError(f"eval_every_steps: {self.eval_every_steps} must be ≥ 0 (0 = epoch ends only)")
         if self.max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps: {self.max_nonfinite_steps} must be ≥ 1")
         if self.eval_batch_size < 1:

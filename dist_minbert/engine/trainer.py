@@ -148,7 +148,8 @@ class Trainer:
                 bar.update(1)
                 epoch, step_in_epoch = step.position
                 actions = step_actions(self.global_step, epoch, step_in_epoch, self.data.epoch_steps,
-                                       self.total_steps, cfg.train, cfg.checkpoint, cfg.observe)
+                                       self.total_steps, cfg.train, cfg.checkpoint, cfg.observe,
+                                       evaluate_every=cfg.train.eval_every_steps)
                 if actions.log:
                     self._log_train(epoch, window.drain())
                 checkpointing.inject_fault(cfg.checkpoint, self.global_step, self.ctx.rank, self.out)

@@ -5,7 +5,7 @@ at once as its CPUs (or GPUs) hold groups of workers.
 A stopped table resumes two ways:
 - Within a machine, Tune's experiment under `<output_dir>/tune/` is restored (`Tuner.restore`) when it holds the
   runs still wanted: its finished trials stay finished, an interrupted one starts again, and its train run
-  continues from the run's latest checkpoint.
+  continues from the run's latest checkpoint (a folder holding another version of the run is moved aside).
 - Anywhere, the results file (committed) records every finished run with its fingerprint; a table started in a
   fresh checkout or output folder runs only what is not recorded.
 The results file and RESULTS.md are written by a Tune callback in this process after each finished trial, so a
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 EXPERIMENT_FILE = "experiment.json"  # in <output_dir>/tune: the Tune experiment's name and its trials' fingerprints
 FINISHED_FILE = "table_trial.json"  # in a run folder the table finished: the trial's fingerprint
+STARTED_FILE = "table_trial_started.json"  # in a run folder a table trial started: its fingerprint
 # A trial only waits on its Train workers, which hold the CPUs: a CPU of its own would leave a 2-CPU machine one
 # short of a 2-worker group. Tune refuses an empty request, hence one byte of memory.
 TRIAL_RESOURCES = {"CPU": 0, "memory": 1}
@@ -116,8 +117,10 @@ def _pretrain_once(pretrain: dict) -> dict | None:
 
 def _run_once(cfg, kind: str, fingerprint: str) -> dict:
     """The job through the launcher, unless its run folder holds it finished (a restored Tune experiment can
-    start a trial again whose end its saved state had not caught); a run an interrupted table left behind
-    continues from its latest checkpoint. The finished run is marked with the trial's fingerprint."""
+    start a trial again whose end its saved state had not caught). A run an interrupted trial of the same
+    fingerprint left behind continues from its latest checkpoint; a folder holding any other run (the row's
+    config or the table's budget changed since) is moved aside, not resumed. The finished run is marked with
+    the trial's fingerprint."""
     from dist_minbert.engine.run_storage import RunStorage
     from launch.ray_run import run_simcse, run_training
 
@@ -126,22 +129,36 @@ def _run_once(cfg, kind: str, fingerprint: str) -> dict:
     if summary is not None:
         log.info("%s: finished before, not run again", out)
         return summary
-    if RunStorage(cfg.train.output_dir, cfg.train.local_dir).has_checkpoint():
+    if out.exists() and _marked(out, STARTED_FILE) != fingerprint:
+        aside = out.with_name(f"superseded-{out.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        log.warning("%s: held a run of another version of this trial; moved to %s, starting afresh", out, aside)
+    elif RunStorage(cfg.train.output_dir, cfg.train.local_dir).has_checkpoint():
         cfg.checkpoint.resume = "latest"
         log.warning("%s: resuming from the run's latest checkpoint", out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STARTED_FILE).write_text(json.dumps({"fingerprint": fingerprint}))
     summary = (run_simcse if kind == "simcse" else run_training)(cfg)
     (out / FINISHED_FILE).write_text(json.dumps({"fingerprint": fingerprint}))
     return summary
 
 
+def _marked(out: Path, marker: str) -> str | None:
+    """The fingerprint a table marker file in the run folder names, if any."""
+    try:
+        return json.loads((out / marker).read_text())["fingerprint"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def _finished_summary(out: Path, fingerprint: str) -> dict | None:
     """summary.json of the run folder if a table trial of this fingerprint finished it there."""
+    if _marked(out, FINISHED_FILE) != fingerprint:
+        return None
     try:
-        if json.loads((out / FINISHED_FILE).read_text())["fingerprint"] == fingerprint:
-            return json.loads((out / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError, KeyError):
-        pass
-    return None
+        return json.loads((out / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _check_corpora(pending: list[Trial], table_output: str) -> None:

@@ -303,3 +303,18 @@ def test_fresh_output_folder_runs_only_what_the_results_file_lacks(finished_tabl
     assert sorted(results.records) == ["pcgrad/seed-0", "plain/seed-0", "plain/seed-1"]
     assert results.records["plain/seed-1"]["run_dir"] == str(fresh / "plain" / "seed-1")
     assert "| Sum of losses | 2 of 2 |" in (finished_table.folder / "RESULTS.md").read_text()
+
+
+@pytest.mark.distributed
+def test_a_changed_row_runs_afresh_and_its_old_run_is_moved_aside(finished_table):
+    """The folder of a row whose budget changed holds the old run: kept beside, neither resumed nor recorded."""
+    runs = finished_table.folder / "runs" / "plain"
+    old_summary = json.loads((runs / "seed-0" / "summary.json").read_text())
+    assert main(["table", "--config", str(finished_table.config), "--rows", "plain", "shared.train.max_steps=3"]) == 0
+    aside = [p for p in runs.iterdir() if p.name.startswith("superseded-seed-0-")]
+    assert len(aside) == 1 and json.loads((aside[0] / "summary.json").read_text()) == old_summary
+    summary = json.loads((runs / "seed-0" / "summary.json").read_text())
+    # Three steps trained in this job, from step 0: a resume from the old step-2 checkpoint would train one.
+    assert summary["steps"] == 3 and summary["samples"] == old_summary["samples"] // 2 * 3
+    record = Results.load(finished_table.folder / "results" / "table.json").records["plain/seed-0"]
+    assert record["steps"] == 3 and " train.max_steps=3 " in record["command"]

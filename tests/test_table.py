@@ -305,16 +305,36 @@ def test_fresh_output_folder_runs_only_what_the_results_file_lacks(finished_tabl
     assert "| Sum of losses | 2 of 2 |" in (finished_table.folder / "RESULTS.md").read_text()
 
 
+
 @pytest.mark.distributed
-def test_a_changed_row_runs_afresh_and_its_old_run_is_moved_aside(finished_table):
-    """The folder of a row whose budget changed holds the old run: kept beside, neither resumed nor recorded."""
-    runs = finished_table.folder / "runs" / "plain"
-    old_summary = json.loads((runs / "seed-0" / "summary.json").read_text())
-    assert main(["table", "--config", str(finished_table.config), "--rows", "plain", "shared.train.max_steps=3"]) == 0
-    aside = [p for p in runs.iterdir() if p.name.startswith("superseded-seed-0-")]
-    assert len(aside) == 1 and json.loads((aside[0] / "summary.json").read_text()) == old_summary
-    summary = json.loads((runs / "seed-0" / "summary.json").read_text())
-    # Three steps trained in this job, from step 0: a resume from the old step-2 checkpoint would train one.
-    assert summary["steps"] == 3 and summary["samples"] == old_summary["samples"] // 2 * 3
-    record = Results.load(finished_table.folder / "results" / "table.json").records["plain/seed-0"]
-    assert record["steps"] == 3 and " train.max_steps=3 " in record["command"]
+def test_a_trial_resumes_only_a_run_of_its_own_fingerprint(finished_table, tmp_path, monkeypatch):
+    """A finished row's folder (real checkpoints), as a trial meets it again: unfinished under its own fingerprint
+    it is resumed; under another (the row's budget changed) it is moved aside and the run starts afresh."""
+    import shutil
+
+    import launch.ray_run
+    from dist_minbert.config import load_config
+    from launch.table import FINISHED_FILE, STARTED_FILE, _run_once
+
+    out = tmp_path / "seed-0"
+    shutil.copytree(finished_table.folder / "runs" / "plain" / "seed-0", out)
+    fingerprint = json.loads((out / FINISHED_FILE).read_text())["fingerprint"]
+    (out / FINISHED_FILE).unlink()  # as if the trial had been interrupted after its last checkpoint
+    started = []
+
+    def run_training(cfg):
+        started.append((cfg.checkpoint.resume, json.loads((out / STARTED_FILE).read_text())["fingerprint"],
+                        (out / "checkpoints").is_dir()))
+        (out / "summary.json").write_text("{}")
+        return {}
+
+    monkeypatch.setattr(launch.ray_run, "run_training", run_training)
+    cfg = lambda: load_config(out / "config.yaml", [f"train.output_dir={out}"])  # noqa: E731
+    _run_once(cfg(), "train", fingerprint)
+    assert started == [("latest", fingerprint, True)]
+    (out / FINISHED_FILE).unlink()
+    _run_once(cfg(), "train", "another")
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("superseded-seed-0-")]
+    assert len(aside) == 1 and (aside[0] / "checkpoints").is_dir()
+    assert started[1] == ("", "another", False)
+    assert json.loads((out / FINISHED_FILE).read_text())["fingerprint"] == "another"

@@ -136,11 +136,15 @@ def _run_once(cfg, kind: str, fingerprint: str) -> dict:
     elif RunStorage(cfg.train.output_dir, cfg.train.local_dir).has_checkpoint():
         cfg.checkpoint.resume = "latest"
         log.warning("%s: resuming from the run's latest checkpoint", out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / STARTED_FILE).write_text(json.dumps({"fingerprint": fingerprint}))
+    _mark(out, STARTED_FILE, fingerprint)
     summary = (run_simcse if kind == "simcse" else run_training)(cfg)
-    (out / FINISHED_FILE).write_text(json.dumps({"fingerprint": fingerprint}))
+    _mark(out, FINISHED_FILE, fingerprint)
     return summary
+
+
+def _mark(out: Path, marker: str, fingerprint: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / marker).write_text(json.dumps({"fingerprint": fingerprint}))
 
 
 def _marked(out: Path, marker: str) -> str | None:

@@ -305,7 +305,6 @@ def test_fresh_output_folder_runs_only_what_the_results_file_lacks(finished_tabl
     assert "| Sum of losses | 2 of 2 |" in (finished_table.folder / "RESULTS.md").read_text()
 
 
-
 @pytest.mark.distributed
 def test_a_trial_resumes_only_a_run_of_its_own_fingerprint(finished_table, tmp_path, monkeypatch):
     """A finished row's folder (real checkpoints), as a trial meets it again: unfinished under its own fingerprint

@@ -163,15 +163,16 @@ def _best(table: TableConfig, results: Results, base: Path) -> list[str]:
     best = results.best
     if not best:
         return ["## Analysis and test-set predictions", "", "pending: no run of the analysed rows has finished.", ""]
-    lines = ["## Analysis and test-set predictions", "",
-             f"From the best analysed run of `{best['row']}` (seed {best['seed']}, score {best['score']:.4f}, "
-             f"`{best['run_dir']}`):", ""]
     top = max(best_of_runs(table, results), key=lambda r: r["score"], default=None)
-    if top is not None and top["key"] != best["key"] and top["score"] > best["score"]:
-        lines[-2] = (f"The best recorded run of {', '.join(f'`{n}`' for n in table.best_of)} is `{top['key']}` "
-                     f"(score {top['score']:.4f}, {top['score'] - best['score']:.4f} above), but its run folder "
-                     f"`{top['run_dir']}` was not on the machine that analysed, so the analysis below is of "
-                     f"`{best['key']}` (score {best['score']:.4f}, `{best['run_dir']}`):")
+    if top is not None and top["score"] > best["score"]:
+        source = (f"The best recorded run of {', '.join(f'`{n}`' for n in table.best_of)} is `{top['key']}` "
+                  f"(score {top['score']:.4f}, {top['score'] - best['score']:.4f} above), but its run folder "
+                  f"`{top['run_dir']}` was not on the machine that analysed, so the analysis below is of "
+                  f"`{best['key']}` (score {best['score']:.4f}, `{best['run_dir']}`):")
+    else:
+        source = (f"From the best analysed run of `{best['row']}` (seed {best['seed']}, score {best['score']:.4f}, "
+                  f"`{best['run_dir']}`):")
+    lines = ["## Analysis and test-set predictions", "", source, ""]
     for name, path in best["analysis"].items():
         link = _rel(path, base)
         lines.append(f"- {name}:\n\n  ![{name}]({link})" if link.endswith(".png") else f"- {name}: [`{link}`]({link})")
